@@ -1,0 +1,176 @@
+"""The trainer's parts in isolation: window plans, the bpb evaluation against a float64 hand
+computation, Newton–Schulz, Muon, EMA, parameter groups, schedules, and hyperparameter resolution."""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from hybrid.evaluate import evaluate, window_plan
+from hybrid.optim import EMA, Muon, split_params, zeropower_via_newtonschulz5
+from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 200, 1000, 1023])
+@pytest.mark.parametrize("seq_len,stride", [(64, 64), (64, 16), (64, 7), (64, 1), (32, 100)])
+def test_window_plan_scores_every_target_once(n, seq_len, stride):
+    counts = [0] * n
+    for start, length, scored_from in window_plan(n, seq_len, stride):
+        assert 0 <= start and start + length <= n and length <= seq_len
+        for i in range(start + scored_from, start + length):
+            counts[i] += 1
+        if stride < seq_len and start > 0:  # later windows keep at least seq_len - stride context
+            assert scored_from >= seq_len - stride
+    assert counts == [1] * n
+
+
+class BigramLM(torch.nn.Module):
+    """A model whose logit at t depends on tokens t and t-1 only; enough to check the plumbing."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+
+    def forward_logits(self, x):
+        prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        first = torch.zeros_like(x, dtype=torch.bool)
+        first[:, 0] = True  # at a window's first position there is no previous token
+        return self.a[x] + torch.where(first[..., None], 0.0, self.b[prev])
+
+
+def test_evaluate_matches_float64_hand_computation():
+    vocab = 11
+    luts = SimpleNamespace(base_bytes=torch.randint(0, 4, (vocab,), dtype=torch.int16),
+                           has_leading_space=torch.rand(vocab) < 0.5,
+                           is_boundary=torch.arange(vocab) < 2)
+    tokens = torch.randint(0, vocab, (301,), generator=torch.Generator().manual_seed(1))
+    model = BigramLM(vocab)
+    for seq_len, stride in [(32, 32), (32, 8), (50, 3)]:
+        res = evaluate(model.forward_logits, tokens, seq_len, stride, luts, 4, torch.device("cpu"))
+        nll, nbytes = 0.0, 0
+        for start, length, scored_from in window_plan(300, seq_len, stride):
+            x = tokens[start:start + length]
+            logits = model.forward_logits(x[None])[0].double()
+            for j in range(scored_from, length):
+                y = int(tokens[start + j + 1])
+                nll -= torch.log_softmax(logits[j], -1)[y].item()
+                p = int(x[j])
+                nbytes += int(luts.base_bytes[y]) + int(bool(luts.has_leading_space[y]) and not bool(luts.is_boundary[p]))
+        assert res.tokens == 300 and res.bytes == nbytes
+        assert res.val_loss == pytest.approx(nll / 300, rel=1e-6)
+        assert res.val_bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
+
+
+# --- optimizer ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(64, 64), (32, 96), (96, 32)])
+def test_newton_schulz_is_nearly_orthogonal(shape):
+    g = torch.randn(*shape, generator=torch.Generator().manual_seed(0))
+    x = zeropower_via_newtonschulz5(g, steps=5).double()
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    # NS acts on each singular value separately: x ≈ U f(S) Vᵀ. The quintic sends every singular
+    # value that is not tiny (relative to the largest) into roughly [0.7, 1.2], by design not to 1.
+    f = torch.diagonal(u.T @ x @ vh.T)
+    big = s / s.max() > 0.1
+    assert f[big].min() > 0.5 and f.max() < 1.3
+    off = u.T @ x @ vh.T - torch.diag(f)
+    assert off.abs().max() < 1e-2  # singular vectors preserved
+    cos = (x * (u @ vh)).sum() / (x.norm() * (u @ vh).norm())
+    assert cos > 0.95
+
+
+def test_muon_step_matches_hand_formula():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(32, 64))
+    p0 = p.detach().clone()
+    opt = Muon([p], lr=0.1, momentum=0.9, weight_decay=0.5)
+    g1, g2 = torch.randn(32, 64), torch.randn(32, 64)
+    for g in (g1, g2):
+        p.grad = g.clone()
+        opt.step()
+    buf = g1.clone()
+    w = p0 * (1 - 0.1 * 0.5) - 0.1 * zeropower_via_newtonschulz5(g1 + 0.9 * buf)
+    buf = 0.9 * buf + g2
+    w = w * (1 - 0.1 * 0.5) - 0.1 * zeropower_via_newtonschulz5(g2 + 0.9 * buf)
+    torch.testing.assert_close(p.detach(), w, rtol=1e-5, atol=1e-6)
+
+
+def test_ema_math():
+    m = torch.nn.Linear(3, 2)
+    ema = EMA(m, decay=0.9)
+    w0 = m.weight.detach().clone()
+    with torch.no_grad():
+        m.weight.add_(1.0)
+    ema.update(m)
+    torch.testing.assert_close(ema.state_dict()["weight"], 0.9 * w0 + 0.1 * (w0 + 1.0))
+    ema.copy_to(m)
+    torch.testing.assert_close(m.weight.detach(), 0.9 * w0 + 0.1 * (w0 + 1.0))
+
+
+def test_param_groups_cover_every_parameter_once():
+    from hybrid.config import ARCH_DEFAULTS, ModelConfig
+    from hybrid.model import HybridGPT
+
+    for arch in ("hybrid", "gpt"):
+        cfg = ModelConfig(**dict(ARCH_DEFAULTS[arch], model_dim=64, num_heads=4, num_kv_heads=2))
+        model = HybridGPT(cfg)
+        emb, mat, sca = split_params(model)
+        names = [n for n, _ in emb + mat + sca]
+        assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+        assert any(n.endswith("tok_emb.weight") for n, _ in emb)
+        assert all(p.ndim == 2 for _, p in mat) and len(mat) > 0
+        assert not any("resid_mix" in n or "skip_weights" in n for n, _ in mat)
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+def test_lr_schedule_iteration_and_wallclock():
+    assert lr_scale(0, 0, 100, 20, 0) == 1.0
+    assert lr_scale(79, 0, 100, 20, 0) == 1.0
+    assert lr_scale(80, 0, 100, 20, 0) == 1.0
+    assert lr_scale(90, 0, 100, 20, 0) == pytest.approx(0.5)
+    assert lr_scale(100, 0, 100, 20, 0) == 0.0
+    # 10 ms per step, 20-step warmdown = 200 ms before a 1000 ms cap
+    assert lr_scale(50, 500.0, 10**6, 20, 1000.0) == 1.0
+    assert lr_scale(90, 900.0, 10**6, 20, 1000.0) == pytest.approx(0.5)
+    assert lr_scale(100, 1000.0, 10**6, 20, 1000.0) == 0.0
+    assert muon_momentum(0, 0.85, 0.95, 500) == pytest.approx(0.85)
+    assert muon_momentum(250, 0.85, 0.95, 500) == pytest.approx(0.90)
+    assert muon_momentum(10**4, 0.85, 0.95, 500) == pytest.approx(0.95)
+    assert not qat_should_enable(0.1, 0.0) and qat_should_enable(0.1, 0.15) and not qat_should_enable(0.2, 0.15)
+
+
+# --- hyperparameters ---------------------------------------------------------------------------
+
+def test_hyperparameter_precedence():
+    from train_gpt import resolve_hyperparameters
+
+    h = resolve_hyperparameters([], env={})
+    assert h.arch == "hybrid" and h.model_config().layer_pattern == "TTTWTTWTTWTF"
+    h = resolve_hyperparameters(["--arch", "gpt"], env={"MATRIX_LR": "0.03"})
+    assert h.matrix_lr == 0.03 and h.matrix_bits == 8 and h.model_config().num_layers == 9
+    h = resolve_hyperparameters(["--matrix-lr", "0.01"], env={"MATRIX_LR": "0.03", "PRESET": "smoke"})
+    assert h.matrix_lr == 0.01 and h.model_config().model_dim == 128
+    with pytest.raises(ValueError, match="arch"):
+        resolve_hyperparameters(["--arch", "nope"], env={})
+    with pytest.raises(ValueError, match="[Pp]attern|layer"):
+        resolve_hyperparameters(["--layer-pattern", "TTX"], env={})
+
+
+def test_help_lists_env_names():
+    out = subprocess.run([sys.executable, "train_gpt.py", "--help"], cwd=ROOT, capture_output=True, text=True,
+                         env=dict(os.environ), timeout=120)
+    assert out.returncode == 0
+    assert "--matrix-lr" in out.stdout and "MATRIX_LR" in out.stdout and "LAYER_PATTERN" in out.stdout

@@ -1,0 +1,610 @@
+"""Parameter golf trainer: data → hybrid model → Muon/Adam with EMA and late QAT → int6 artifact →
+round-trip val_bpb. Read top to bottom: hyperparameters, setup, data, model, optimizers, training
+loop, packing, final evaluation.
+
+  torchrun --standalone --nproc_per_node=8 train_gpt.py              # the challenge run (8 GPUs)
+  torchrun --standalone --nproc_per_node=1 train_gpt.py              # same math on 1 GPU (grad accum 8)
+  python train_gpt.py --preset smoke                                 # CPU, offline sample corpus
+  torchrun --nnodes=2 --nproc_per_node=8 --rdzv-backend=c10d --rdzv-endpoint=HOST:29500 train_gpt.py
+
+Hyperparameters: every field below is settable by an environment variable named as the field in
+upper case (`MATRIX_LR=0.02`, the challenge's habit) and by a flag (`--matrix-lr 0.02`); flags win
+over the environment, which wins over `--preset`, which wins over the `--arch` defaults.
+Booleans take 0/1. `python train_gpt.py --help` lists every field.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from data.bpb import build_byte_luts, load_tokenizer
+from data.loader import DistributedTokenLoader
+from data.shards import load_validation_tokens
+from hybrid.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
+from hybrid.config import ARCH_DEFAULTS, ModelConfig
+from hybrid.evaluate import evaluate
+from hybrid.model import HybridGPT
+from hybrid.optim import EMA, Muon, build_optimizers
+from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
+from quant.artifact import pack_model, read_artifact, unpack_model, write_artifact
+from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, project_source_files
+from quant.policy import make_precision_fn
+from quant.qat import set_qat
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class Hyperparameters:
+    # --- run -----------------------------------------------------------------------------------
+    run_id: str = field(default="", metadata={"help": "name of the log/checkpoint files (default: a uuid)"})
+    seed: int = field(default=1337, metadata={"help": "torch seed for the model's initialisation"})
+    arch: str = field(default="hybrid", metadata={"help": "model family: hybrid | gpt"})
+    preset: str = field(default="", metadata={"help": "named bundle of settings: smoke | tiny (see PRESETS)"})
+    # --- data ----------------------------------------------------------------------------------
+    data_path: str = field(default="./data/datasets/fineweb10B_sp1024",
+                           metadata={"help": "folder with fineweb_train_*.bin and fineweb_val_*.bin"})
+    tokenizer_path: str = field(default="./data/tokenizers/fineweb_1024_bpe.model",
+                                metadata={"help": "SentencePiece model used for the byte count of val_bpb"})
+    data_seed: int = field(default=0, metadata={"help": "0: shards in file order (the challenge's); "
+                                                        "else a seeded shard order"})
+    # --- evaluation ----------------------------------------------------------------------------
+    val_loss_every: int = field(default=1000, metadata={"help": "validate every N steps (0: only at the end)"})
+    val_max_tokens: int = field(default=0, metadata={"help": "use only the first N validation tokens (0: all)"})
+    eval_stride: int = field(default=64, metadata={"help": "final eval: sliding windows every N tokens; "
+                                                           ">= train_seq_len means non-overlapping"})
+    eval_batch_seqs: int = field(default=32, metadata={"help": "windows per evaluation batch per rank"})
+    eval_prequant: bool = field(default=True, metadata={"help": "also score the unquantized final weights"})
+    train_log_every: int = field(default=200, metadata={"help": "log the train loss every N steps"})
+    # --- training length and batch -------------------------------------------------------------
+    iterations: int = field(default=20000, metadata={"help": "maximum number of optimizer steps"})
+    warmdown_iters: int = field(default=3500, metadata={"help": "steps (or their time) of the final linear LR decay"})
+    warmup_steps: int = field(default=-1, metadata={"help": "compile warm-up steps, undone afterwards "
+                                                            "(-1: 20 when compiling, else 0)"})
+    train_batch_tokens: int = field(default=524288, metadata={"help": "global batch in tokens per step"})
+    train_seq_len: int = field(default=1024, metadata={"help": "sequence length of training (and eval) windows"})
+    grad_accum_base: int = field(default=8, metadata={"help": "micro-batches per step on one process; "
+                                                              "grad_accum_steps = this // world_size"})
+    max_wallclock_seconds: float = field(default=600.0, metadata={"help": "training-time cap (0: none); "
+                                                                          "eval and warm-up excluded"})
+    # --- model (empty/negative = the --arch default, see hybrid/config.py) ----------------------
+    vocab_size: int = field(default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"})
+    num_layers: int = field(default=-1, metadata={"help": "number of blocks"})
+    model_dim: int = field(default=-1, metadata={"help": "residual width"})
+    num_heads: int = field(default=-1, metadata={"help": "query heads"})
+    num_kv_heads: int = field(default=-1, metadata={"help": "key/value heads (GQA)"})
+    mlp_mult: float = field(default=-1.0, metadata={"help": "MLP hidden = mlp_mult × model_dim"})
+    mlp_act: str = field(default="", metadata={"help": "leaky_relu2 | relu2"})
+    layer_pattern: str = field(default="", metadata={"help": "one letter per layer: T token-shift, "
+                                                             "W windowed attention, F full attention"})
+    attn_window: int = field(default=-1, metadata={"help": "tokens a W layer sees (itself included)"})
+    rope_dims: int = field(default=-1, metadata={"help": "head dims rotated by RoPE"})
+    rope_base: float = field(default=-1.0, metadata={"help": "RoPE base"})
+    qk_gain_init: float = field(default=-1.0, metadata={"help": "initial per-head query gain"})
+    xsa_last: int = field(default=-1, metadata={"help": "XSA on the last N attention layers"})
+    ve_layers: str = field(default="", metadata={"help": "value-embedding layers: comma list, 'none', "
+                                                         "or empty for the arch default"})
+    ve_dim: int = field(default=-1, metadata={"help": "value-embedding table width"})
+    smear: int = field(default=-1, metadata={"help": "SmearGate on the embedding (0/1)"})
+    bigram_buckets: int = field(default=-1, metadata={"help": "BigramHash buckets (0: off)"})
+    bigram_dim: int = field(default=-1, metadata={"help": "BigramHash table width"})
+    ln_scale: int = field(default=-1, metadata={"help": "scale normed sublayer inputs by 1/sqrt(layer+1) (0/1)"})
+    unet_skips: int = field(default=-1, metadata={"help": "baseline U-Net skip connections (0/1)"})
+    logit_softcap: float = field(default=-1.0, metadata={"help": "logits = c·tanh(z/c)"})
+    tied_embed_init_std: float = field(default=-1.0, metadata={"help": "std of the tied embedding at init"})
+    ortho_init: int = field(default=-1, metadata={"help": "orthogonal init of the matrices (0/1)"})
+    # --- optimizer -----------------------------------------------------------------------------
+    tied_embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the tied token embedding"})
+    embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the bigram and value-embedding tables"})
+    matrix_lr: float = field(default=0.025, metadata={"help": "Muon lr of the block matrices"})
+    scalar_lr: float = field(default=0.025, metadata={"help": "Adam lr of gains, scales and mixes"})
+    muon_momentum: float = field(default=0.99, metadata={"help": "Muon momentum after warm-up"})
+    muon_momentum_warmup_start: float = field(default=0.92, metadata={"help": "Muon momentum at step 0"})
+    muon_momentum_warmup_steps: int = field(default=1500, metadata={"help": "steps of the momentum warm-up"})
+    muon_backend_steps: int = field(default=5, metadata={"help": "Newton–Schulz iterations"})
+    muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
+    adam_wd: float = field(default=0.04, metadata={"help": "AdamW decoupled weight decay"})
+    beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
+    beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
+    adam_eps: float = field(default=1e-8, metadata={"help": "Adam epsilon"})
+    grad_clip_norm: float = field(default=0.3, metadata={"help": "global gradient-norm clip (0: off)"})
+    ema_decay: float = field(default=0.997, metadata={"help": "EMA of weights, exported at the end (0: off)"})
+    late_qat_threshold: float = field(default=0.15, metadata={"help": "fake-quantize once the LR scale is "
+                                                                      "below this (0: never)"})
+    # --- export --------------------------------------------------------------------------------
+    matrix_bits: int = field(default=6, metadata={"help": "integer bits of block matrices in the artifact"})
+    embed_bits: int = field(default=8, metadata={"help": "integer bits of embedding tables in the artifact"})
+    compressor: str = field(default="zlib", metadata={"help": "zlib | zstd | lzma | brotli | auto (smallest)"})
+    bitpack: int = field(default=0, metadata={"help": "store int values bit-packed instead of one per byte"})
+    artifact_path: str = field(default="", metadata={"help": "where the artifact goes (default logs/<run_id>.ptz)"})
+    # --- checkpoints ---------------------------------------------------------------------------
+    checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
+    checkpoint_dir: str = field(default="", metadata={"help": "default checkpoints/<run_id>"})
+    checkpoint_keep: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
+    resume: str = field(default="", metadata={"help": "checkpoint file, its folder, or 'auto' (latest of this run)"})
+    # --- system --------------------------------------------------------------------------------
+    compile: int = field(default=-1, metadata={"help": "torch.compile the model (-1: on CUDA only)"})
+    log_dir: str = field(default="logs", metadata={"help": "folder of logs/<run_id>.txt"})
+
+    def model_config(self) -> ModelConfig:
+        base = dict(ARCH_DEFAULTS[self.arch])
+        for f in fields(ModelConfig):
+            value = getattr(self, f.name, None)
+            if value is None or _unset(value):
+                continue
+            base[f.name] = bool(value) if isinstance(f.default, bool) else value
+        return ModelConfig(**base)
+
+
+def _unset(value) -> bool:
+    return value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+
+
+# Training recipe per architecture. The gpt control reproduces the challenge's naive baseline
+# (GOLF.md §3.2/§3.4/§3.6: Adam without decay, Muon 0.95, int8 export, no EMA/QAT); the hybrid
+# uses the 11-layer records' recipe (TECHNIQUES.md §2.9, §2.10, §2.15, §2.19).
+ARCH_TRAIN_DEFAULTS = {
+    "hybrid": {},
+    "gpt": dict(tied_embed_lr=0.05, embed_lr=0.6, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
+                muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0,
+                grad_clip_norm=0.0, ema_decay=0.0, late_qat_threshold=0.0, warmdown_iters=1200,
+                matrix_bits=8, embed_bits=8, eval_stride=1024),
+}
+
+# Presets change the scale of a run, not its recipe. `smoke`: the offline sample corpus, a narrow
+# hybrid with the full 12-layer pattern, a few minutes on 2 CPU cores. `tiny`: seconds, for tests.
+PRESETS = {
+    "smoke": dict(data_path="./data/datasets/sample_sp1024", tokenizer_path="./data/tokenizers/sample_1024_bpe.model",
+                  model_dim=128, num_heads=4, num_kv_heads=2, attn_window=64, train_seq_len=256,
+                  train_batch_tokens=8192, grad_accum_base=1, iterations=200, warmdown_iters=60,
+                  max_wallclock_seconds=0.0, muon_momentum_warmup_steps=50, val_loss_every=100,
+                  val_max_tokens=65536, train_log_every=20, eval_stride=64, eval_batch_seqs=64,
+                  matrix_lr=0.02, bigram_buckets=512, ve_dim=32, bigram_dim=32, ema_decay=0.95),
+    "tiny": dict(data_path="./data/datasets/sample_sp1024", tokenizer_path="./data/tokenizers/sample_1024_bpe.model",
+                 num_layers=4, layer_pattern="TWTF", model_dim=64, num_heads=4, num_kv_heads=2, attn_window=16,
+                 train_seq_len=64, train_batch_tokens=1024, grad_accum_base=2, iterations=30, warmdown_iters=10,
+                 max_wallclock_seconds=0.0, muon_momentum_warmup_steps=10, val_loss_every=0,
+                 val_max_tokens=8192, train_log_every=5, eval_stride=32, eval_batch_seqs=64,
+                 bigram_buckets=128, bigram_dim=16, ve_dim=16, ema_decay=0.9),
+}
+
+
+def _parse_value(kind, text: str):
+    if kind is bool:
+        return text.strip().lower() in ("1", "true", "yes", "on")
+    return kind(text)
+
+
+def _field_type(f):
+    return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type if isinstance(f.type, str)
+                                                                      else f.type.__name__, str)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Train, pack and score a parameter-golf model.")
+    for f in fields(Hyperparameters):
+        parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=str,
+                            help=f"{f.metadata.get('help', '')} [env {f.name.upper()}; default {f.default!r}]")
+    return parser
+
+
+def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = None) -> Hyperparameters:
+    """Defaults → arch → preset → environment → flags."""
+    env = os.environ if env is None else env
+    args = build_arg_parser().parse_args(argv)
+    kinds = {f.name: _field_type(f) for f in fields(Hyperparameters)}
+
+    def explicit(name):  # the flag, else the env var, else None
+        raw = getattr(args, name)
+        if raw is None:
+            raw = env.get(name.upper())
+        return None if raw is None else _parse_value(kinds[name], raw)
+
+    arch = explicit("arch") or Hyperparameters.arch
+    if arch not in ARCH_DEFAULTS or arch not in ARCH_TRAIN_DEFAULTS:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ARCH_TRAIN_DEFAULTS)}")
+    preset = explicit("preset") or ""
+    if preset and preset not in PRESETS:
+        raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
+    values = {}
+    values.update(ARCH_TRAIN_DEFAULTS[arch])
+    values.update(PRESETS.get(preset, {}))
+    for name in kinds:
+        value = explicit(name)
+        if value is not None:
+            values[name] = value
+    values["arch"], values["preset"] = arch, preset
+    h = Hyperparameters(**values)
+    if not h.run_id:
+        h.run_id = str(uuid.uuid4())
+    h.model_config()  # validate the model fields early, with the config's own messages
+    return h
+
+
+# ---------------------------------------------------------------------------------------------
+# SETUP: processes, device, log
+# ---------------------------------------------------------------------------------------------
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    distributed: bool
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def setup_runtime() -> Runtime:
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; without them this is a single process.
+    NCCL on GPUs, gloo on the CPU (the same script runs the CPU smoke test and the tests)."""
+    distributed = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank = int(os.environ.get("RANK", 0))
+    world_size = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    else:
+        device = torch.device("cpu")
+    if distributed:
+        if device.type == "cuda":
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
+    return Runtime(rank, world_size, local_rank, device, distributed)
+
+
+class Logger:
+    """Rank 0 appends every line to logs/<run_id>.txt; `console` lines are also printed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+
+    def __call__(self, msg: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        if console:
+            print(msg, flush=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(msg + "\n")
+
+
+def describe_system(device: torch.device) -> str:
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+             f"platform:{platform.platform()} cpus:{os.cpu_count()}"]
+    if device.type == "cuda":
+        lines.append(f"gpu:{torch.cuda.get_device_name(device)} cuda:{torch.version.cuda}")
+        try:
+            lines.append(subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout)
+        except (OSError, subprocess.SubprocessError) as exc:
+            lines.append(f"nvidia-smi unavailable: {exc}")
+    else:
+        lines.append(f"cpu:{platform.processor() or platform.machine()} torch_threads:{torch.get_num_threads()}")
+    return "\n".join(lines)
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# TRAINING
+# ---------------------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> int:
+    h = resolve_hyperparameters(argv)
+    rt = setup_runtime()
+    try:
+        train(h, rt)
+        return 0
+    except NonFiniteLoss as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 3
+    finally:
+        if rt.distributed:
+            dist.destroy_process_group()
+
+
+def train(h: Hyperparameters, rt: Runtime) -> dict:
+    device = rt.device
+    use_cuda = device.type == "cuda"
+    log = Logger(Path(h.log_dir) / f"{h.run_id}.txt", rt.is_main)
+    sources = project_source_files(ROOT)
+    for path in sources:  # the log carries the exact code that ran (golf habit)
+        log(f"===== source:{path.relative_to(ROOT)} =====\n{path.read_text(encoding='utf-8')}", console=False)
+    log(describe_system(device), console=False)
+    compile_model = bool(h.compile) if h.compile >= 0 else use_cuda
+    warmup_steps = h.warmup_steps if h.warmup_steps >= 0 else (20 if compile_model else 0)
+    if h.grad_accum_base % rt.world_size:
+        raise ValueError(f"GRAD_ACCUM_BASE={h.grad_accum_base} must be divisible by WORLD_SIZE={rt.world_size}")
+    grad_accum = h.grad_accum_base // rt.world_size
+    micro_tokens = h.train_batch_tokens // (rt.world_size * grad_accum)
+    if h.train_batch_tokens % (rt.world_size * grad_accum * h.train_seq_len):
+        raise ValueError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world_size × "
+                         f"grad_accum × TRAIN_SEQ_LEN = {rt.world_size}×{grad_accum}×{h.train_seq_len}")
+    for f in fields(Hyperparameters):
+        log(f"hparam:{f.name}={getattr(h, f.name)!r}", console=False)
+    log(f"run_id:{h.run_id} arch:{h.arch} preset:{h.preset or '-'} world_size:{rt.world_size} "
+        f"grad_accum_steps:{grad_accum} device:{device.type} compile:{int(compile_model)} warmup_steps:{warmup_steps}")
+
+    # --- data --------------------------------------------------------------------------------
+    maybe_build_sample(h, rt)
+    sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
+    luts = build_byte_luts(sp, h.vocab_size, device)
+    val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len,
+                                        h.val_max_tokens)
+    loader = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), rt.rank, rt.world_size,
+                                    seed=h.data_seed)
+    log(f"data:{h.data_path} val_tokens:{val_tokens.numel() - 1} tokenizer:{h.tokenizer_path} "
+        f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
+
+    # --- model -------------------------------------------------------------------------------
+    torch.manual_seed(h.seed)
+    cfg = h.model_config()
+    model = HybridGPT(cfg).to(device)
+    log(f"model_config:{asdict(cfg)}", console=False)
+    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_pattern:{cfg.layer_pattern}")
+    run_model = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
+    if rt.distributed:
+        run_model = DDP(run_model, device_ids=[rt.local_rank] if use_cuda else None, broadcast_buffers=False)
+    logits_fn = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else None
+    optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
+    ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
+    precision_fn = make_precision_fn(h.matrix_bits, h.embed_bits)
+
+    def train_step() -> torch.Tensor:
+        """One optimizer step's gradients over grad_accum micro-batches; returns the mean loss."""
+        total = torch.zeros((), device=device)
+        for micro in range(grad_accum):
+            x, y = loader.next_batch(h.train_batch_tokens, h.train_seq_len, grad_accum)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if rt.distributed:  # all-reduce gradients only on the last micro-batch
+                run_model.require_backward_grad_sync = micro == grad_accum - 1
+            with autocast() if autocast else contextlib.nullcontext():
+                loss = run_model(x, y)
+            (loss / grad_accum).backward()
+            total += loss.detach()
+        if h.grad_clip_norm > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), h.grad_clip_norm)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        return total / grad_accum
+
+    def set_schedule(step: int, scale: float) -> None:
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * scale
+                if isinstance(opt, Muon):
+                    group["momentum"] = muon_momentum(step, h.muon_momentum_warmup_start, h.muon_momentum,
+                                                      h.muon_momentum_warmup_steps)
+
+    # --- compile warm-up, then restore the exact initial state (golf baseline) -----------------
+    if warmup_steps > 0:
+        initial = (copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in optimizers],
+                   loader.state_dict())
+        for i in range(warmup_steps):
+            # the second half runs with fake quantization on, so late QAT's graph is compiled too
+            qat_phase = h.late_qat_threshold > 0 and i >= warmup_steps // 2
+            set_qat(model, qat_phase, precision_fn)
+            set_schedule(0, 1.0)
+            train_step()
+        set_qat(model, False, precision_fn)
+        model.load_state_dict(initial[0])
+        for opt, state in zip(optimizers, initial[1]):
+            opt.load_state_dict(state)
+        loader.load_state_dict(initial[2])
+        if ema is not None:
+            ema = EMA(model, h.ema_decay)
+        log(f"warmup:done steps:{warmup_steps} state:restored")
+
+    # --- resume --------------------------------------------------------------------------------
+    checkpoint_dir = Path(h.checkpoint_dir or f"checkpoints/{h.run_id}")
+    step, train_ms, qat_on = 0, 0.0, False
+    resume_path = resolve_resume(h.resume, checkpoint_dir)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, map_location=device)
+        model.load_state_dict(state["model"])
+        for opt, opt_state in zip(optimizers, state["optimizers"]):
+            opt.load_state_dict(opt_state)
+        if ema is not None and state["ema"] is not None:
+            ema.load_state_dict(state["ema"])
+        loader.load_state_dict(state["loader"])
+        step, train_ms, qat_on = state["step"], state["train_ms"], state["qat_on"]
+        set_qat(model, qat_on, precision_fn)
+        log(f"resume:from {resume_path} step:{step} train_time:{train_ms:.0f}ms qat:{int(qat_on)}")
+    last_checkpoint = resume_path
+
+    # --- main loop -----------------------------------------------------------------------------
+    def sync():
+        if use_cuda:
+            torch.cuda.synchronize()
+
+    def validate(tag: str, stride: int, fn=None) -> "EvalResult":
+        return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
+                        rt.rank, rt.world_size, autocast)
+
+    max_ms = 1000.0 * h.max_wallclock_seconds
+    bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
+    stop_after_step = None
+    train_loss = torch.zeros((), device=device)
+    sync()
+    t0 = time.perf_counter()
+    while True:
+        last_step = step >= h.iterations or (stop_after_step is not None and step >= stop_after_step)
+        if last_step or (h.val_loss_every > 0 and step > 0 and step % h.val_loss_every == 0):
+            sync()
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            model.eval()
+            res = validate("val", h.train_seq_len)
+            model.train()
+            log(f"step:{step}/{h.iterations} {res.log_fields()} train_time:{train_ms:.0f}ms "
+                f"step_avg:{train_ms / max(step, 1):.2f}ms")
+            sync()
+            t0 = time.perf_counter()
+        if last_step:
+            if stop_after_step is not None and step < h.iterations:
+                log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
+            break
+        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        scale = lr_scale(step, elapsed_ms, h.iterations, h.warmdown_iters, max_ms)
+        if not qat_on and qat_should_enable(scale, h.late_qat_threshold):
+            n = set_qat(model, True, precision_fn)
+            qat_on = True
+            log(f"late_qat:enabled step:{step} lr_scale:{scale:.4f} modules:{n} bits:{h.matrix_bits}")
+        set_schedule(step, scale)
+        loss = train_step()
+        step += 1
+        if ema is not None:
+            ema.update(model)
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(loss), step, bad_step)
+        log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
+        checkpoint_now = h.checkpoint_every > 0 and step % h.checkpoint_every == 0
+        if not use_cuda or log_now or checkpoint_now:  # on GPUs read the flag only where we sync anyway
+            check_finite(bad_step, last_checkpoint)
+        if log_now:
+            approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+            log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{approx_ms:.0f}ms "
+                f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f}")
+        if checkpoint_now:
+            sync()
+            train_ms += 1000.0 * (time.perf_counter() - t0)
+            last_checkpoint = write_checkpoint(h, rt, checkpoint_dir, model, optimizers, ema, loader, step,
+                                               train_ms, qat_on, log)
+            sync()
+            t0 = time.perf_counter()
+        approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
+        reached = max_ms > 0 and approx_ms >= max_ms
+        if rt.distributed and max_ms > 0:  # every rank stops at the same step
+            flag = torch.tensor(int(reached), device=device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            reached = bool(flag.item())
+        if reached and stop_after_step is None:
+            stop_after_step = step
+    check_finite(bad_step, last_checkpoint)
+    if use_cuda:
+        log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
+            f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
+    return finish(h, rt, log, model, ema, cfg, precision_fn, validate, sources, step, train_ms)
+
+
+def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
+    s = int(bad_step.item())
+    if s >= 0:
+        where = (f"the last good checkpoint is {last_checkpoint}; resume with RESUME={last_checkpoint}"
+                 if last_checkpoint else "no checkpoint was written (set CHECKPOINT_EVERY to keep one)")
+        raise NonFiniteLoss(f"non-finite train loss (nan/inf) at step {s}: stopping. {where}. "
+                            f"Lower the learning rates or set GRAD_CLIP_NORM before retrying.")
+
+
+def write_checkpoint(h, rt, checkpoint_dir, model, optimizers, ema, loader, step, train_ms, qat_on, log):
+    for opt in optimizers:
+        if isinstance(opt, Muon):
+            opt.gather_state()  # collective: every rank takes part
+    path = checkpoint_dir / f"step_{step:06d}.pt"
+    if rt.is_main:
+        t = time.perf_counter()
+        kwargs = dict(model=model, optimizers=optimizers, ema=ema, loader_state=loader.state_dict(), step=step,
+                      train_ms=train_ms, qat_on=qat_on, hparams=asdict(h))
+        save_checkpoint(path, **kwargs)
+        save_checkpoint(checkpoint_dir / "latest.pt", **kwargs)
+        old = sorted(checkpoint_dir.glob("step_*.pt"))[:-h.checkpoint_keep] if h.checkpoint_keep > 0 else []
+        for p in old:
+            p.unlink()
+        log(f"checkpoint:saved step:{step} path:{path} time:{1000 * (time.perf_counter() - t):.0f}ms")
+    rt.barrier()
+    return path
+
+
+def maybe_build_sample(h: Hyperparameters, rt: Runtime) -> None:
+    """The offline sample corpus builds itself the first time a run asks for it."""
+    from data.sample import ensure_sample
+
+    sample_dir = (ROOT / "data" / "datasets" / "sample_sp1024").resolve()
+    if Path(h.data_path).resolve() != sample_dir:
+        return
+    if rt.is_main:
+        ensure_sample(ROOT / "data")
+    rt.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# PACKING AND THE FINAL ROUND-TRIP EVALUATION
+# ---------------------------------------------------------------------------------------------
+
+def finish(h, rt, log, model, ema, cfg, precision_fn, validate, sources, step, train_ms) -> dict:
+    """EMA weights → (pre-quant score) → int artifact on disk → fresh model from the file → score."""
+    device = rt.device
+    use_cuda = device.type == "cuda"
+    set_qat(model, False, precision_fn)
+    if ema is not None:
+        ema.copy_to(model)
+        log(f"ema:applied decay:{h.ema_decay}")
+    model.eval()
+    stride = min(h.eval_stride, h.train_seq_len)
+    mode = f"sliding_stride{stride}" if stride < h.train_seq_len else "non_overlapping"
+    results = {"steps": step, "train_ms": train_ms}
+    if h.eval_prequant:
+        pre = validate("final_prequant", stride, model.forward_logits)
+        log(f"final_prequant eval:{mode} {pre.log_fields()}")
+        results["prequant"] = pre
+
+    artifact_path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
+    if rt.is_main:
+        blob = pack_model(model.state_dict(), precision_fn, compressor=h.compressor, bitpack=bool(h.bitpack))
+        write_artifact(artifact_path, blob)
+    rt.barrier()
+    blob = read_artifact(artifact_path)
+    used = blob_compressor(blob)
+    report = BudgetReport(code_bytes=code_bytes(sources), model_bytes=artifact_path.stat().st_size)
+    for line in report.lines():
+        log(line)
+    if not report.fits:
+        log(f"warning: the artifact is {-report.margin} bytes over the {ARTIFACT_LIMIT}-byte limit; "
+            f"it is still written and evaluated")
+
+    fresh = HybridGPT(cfg).to(device)
+    fresh.load_state_dict(unpack_model(blob, source=str(artifact_path)), strict=True)
+    fresh.eval()
+    fn = torch.compile(fresh.forward_logits, dynamic=False) if (use_cuda and h.compile != 0) else fresh.forward_logits
+    post = validate("roundtrip", stride, fn)
+    tag = f"final_int{h.matrix_bits}_{used}_roundtrip"
+    log(f"{tag} eval:{mode} {post.log_fields()}")
+    log(f"{tag}_exact val_loss:{post.val_loss:.8f} val_bpb:{post.val_bpb:.8f}")
+    if h.eval_prequant:
+        log(f"quant_gap_bpb:{post.val_bpb - results['prequant'].val_bpb:+.6f}")
+    results.update(roundtrip=post, report=report, artifact=str(artifact_path), compressor=used)
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
