@@ -41,7 +41,7 @@ from hybrid.evaluate import evaluate
 from hybrid.model import HybridGPT
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
-from quant.artifact import pack_model, read_artifact, unpack_model, write_artifact
+from quant.artifact import blob_compressor, pack_model, read_artifact, unpack_model, write_artifact
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, project_source_files
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
@@ -166,7 +166,8 @@ ARCH_TRAIN_DEFAULTS = {
                 matrix_bits=8, embed_bits=8, eval_stride=1024),
 }
 
-# Presets change the scale of a run, not its recipe. `smoke`: the offline sample corpus, a narrow
+# Presets change the scale of a run, not its recipe: a feature the arch switches off (value 0, such
+# as the gpt control's EMA or BigramHash) stays off under any preset. `smoke`: the offline sample corpus, a narrow
 # hybrid with the full 12-layer pattern, a few minutes on 2 CPU cores. `tiny`: seconds, for tests.
 PRESETS = {
     "smoke": dict(data_path="./data/datasets/sample_sp1024", tokenizer_path="./data/tokenizers/sample_1024_bpe.model",
@@ -221,9 +222,12 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     preset = explicit("preset") or ""
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
-    values = {}
-    values.update(ARCH_TRAIN_DEFAULTS[arch])
-    values.update(PRESETS.get(preset, {}))
+    values = dict(ARCH_TRAIN_DEFAULTS[arch])
+    arch_all = dict(ARCH_DEFAULTS[arch], **values)
+    for name, value in PRESETS.get(preset, {}).items():
+        if arch_all.get(name, None) in (0, 0.0, False) and not isinstance(arch_all.get(name), str):
+            continue  # a preset rescales a run; it never switches on what the arch switches off
+        values[name] = value
     for name in kinds:
         value = explicit(name)
         if value is not None:

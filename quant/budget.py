@@ -1,0 +1,66 @@
+"""Artifact accounting: code bytes + compressed model bytes against the decimal 16,000,000-byte cap.
+
+The challenge counts the bytes of the code that produces the model plus the bytes of the compressed
+model (GOLF.md §3.6, §4.6). Code bytes here are file sizes on disk (for UTF-8 text, the same number
+as the baseline's `len(code.encode("utf-8"))`), summed over `project_source_files`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ARTIFACT_LIMIT = 16_000_000  # decimal bytes, code + compressed model
+
+# Packages whose .py files the trainer imports, and data CLIs it never imports (they prepare data
+# offline and are not part of the submission's code).
+TRAINER_PACKAGES: tuple[str, ...] = ("hybrid", "quant", "data")
+NOT_IMPORTED_BY_TRAINER: frozenset[str] = frozenset({"download.py", "build_shards.py", "sample.py"})
+
+
+def code_bytes(paths) -> int:
+    """Sum of the sizes in bytes of the given files (FileNotFoundError if one is missing)."""
+    return sum(Path(p).stat().st_size for p in paths)
+
+
+def project_source_files(root) -> list[Path]:
+    """The code a training run executes, sorted: `train_gpt.py` plus every `.py` file under
+    `hybrid/`, `quant/` and `data/` (recursively), except the data CLIs `download.py`,
+    `build_shards.py` and `sample.py` in `data/`, which the trainer does not import. Tests, benchmarks
+    (`bench/`), records and docs are not code of the run and are never listed. Missing packages are
+    skipped; a missing `train_gpt.py` is not an error either (tests call this on partial trees)."""
+    root = Path(root)
+    files = [root / "train_gpt.py"] if (root / "train_gpt.py").is_file() else []
+    for package in TRAINER_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            if "__pycache__" in path.parts:
+                continue
+            if package == "data" and path.name in NOT_IMPORTED_BY_TRAINER and path.parent == root / "data":
+                continue
+            files.append(path)
+    return sorted(files)
+
+
+@dataclass
+class BudgetReport:
+    """Bytes used against the limit; `margin` < 0 means over budget."""
+
+    code_bytes: int
+    model_bytes: int
+    limit: int = ARTIFACT_LIMIT
+    total: int = field(init=False)
+    margin: int = field(init=False)
+    fits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.total = self.code_bytes + self.model_bytes
+        self.margin = self.limit - self.total
+        self.fits = self.margin >= 0
+
+    def lines(self) -> list[str]:
+        """`key:value` log lines; an extra `artifact_over_budget:by_bytes:N` line when over."""
+        summary = (f"artifact_bytes:{self.total} code_bytes:{self.code_bytes} model_bytes:{self.model_bytes} "
+                   f"limit:{self.limit} margin:{self.margin}")
+        out = [summary]
+        if not self.fits:
+            out.append(f"artifact_over_budget:by_bytes:{-self.margin}")
+        return out
