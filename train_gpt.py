@@ -38,11 +38,11 @@ from data.shards import load_validation_tokens
 from hybrid.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
 from hybrid.evaluate import evaluate
-from hybrid.model import HybridGPT
+from hybrid.model import HybridGPT, expert_load_summary, named_model_preset
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
 from quant.artifact import blob_compressor, pack_model, read_artifact, unpack_model, write_artifact
-from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, project_source_files
+from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, loaded_source_files
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
 
@@ -54,8 +54,9 @@ class Hyperparameters:
     # --- run -----------------------------------------------------------------------------------
     run_id: str = field(default="", metadata={"help": "name of the log/checkpoint files (default: a uuid)"})
     seed: int = field(default=1337, metadata={"help": "torch seed for the model's initialisation"})
-    arch: str = field(default="hybrid", metadata={"help": "model family: hybrid | gpt"})
-    preset: str = field(default="", metadata={"help": "named bundle of settings: smoke | tiny (see PRESETS)"})
+    arch: str = field(default="hybrid", metadata={"help": "model family: hybrid | gpt | rwkv7 | moe"})
+    preset: str = field(default="", metadata={"help": "named bundle of settings: smoke | tiny (see PRESETS); "
+                                                     "rize | rish | rwkv7-191m report the seeds' sizes and exit"})
     # --- data ----------------------------------------------------------------------------------
     data_path: str = field(default="./data/datasets/fineweb10B_sp1024",
                            metadata={"help": "folder with fineweb_train_*.bin and fineweb_val_*.bin"})
@@ -91,7 +92,9 @@ class Hyperparameters:
     mlp_mult: float = field(default=-1.0, metadata={"help": "MLP hidden = mlp_mult × model_dim"})
     mlp_act: str = field(default="", metadata={"help": "leaky_relu2 | relu2"})
     layer_pattern: str = field(default="", metadata={"help": "one letter per layer: T token-shift, "
-                                                             "W windowed attention, F full attention"})
+                                                             "W windowed attention, F full attention, "
+                                                             "R RWKV-7 time-mix; lower case = the same mixer "
+                                                             "with an MoE FFN"})
     attn_window: int = field(default=-1, metadata={"help": "tokens a W layer sees (itself included)"})
     rope_dims: int = field(default=-1, metadata={"help": "head dims rotated by RoPE"})
     rope_base: float = field(default=-1.0, metadata={"help": "RoPE base"})
@@ -108,6 +111,27 @@ class Hyperparameters:
     logit_softcap: float = field(default=-1.0, metadata={"help": "logits = c·tanh(z/c)"})
     tied_embed_init_std: float = field(default=-1.0, metadata={"help": "std of the tied embedding at init"})
     ortho_init: int = field(default=-1, metadata={"help": "orthogonal init of the matrices (0/1)"})
+    block_style: str = field(default="", metadata={"help": "hybrid | rwkv (RWKV-7's own pre-LayerNorm block)"})
+    rwkv_head_size: int = field(default=-1, metadata={"help": "RWKV-7 head size"})
+    rwkv_ffn: str = field(default="", metadata={"help": "FFN of R layers: mlp | cmix (RWKV-7 channel-mix)"})
+    rwkv_chunk: int = field(default=-1, metadata={"help": "chunk length of the chunked WKV-7 form"})
+    rwkv_impl: str = field(default="", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton"})
+    moe_num_experts: int = field(default=-1, metadata={"help": "routed experts per MoE layer (0: no MoE)"})
+    moe_top_k: int = field(default=-1, metadata={"help": "experts per token"})
+    moe_expert_hidden: int = field(default=-1, metadata={"help": "hidden width of a routed expert"})
+    moe_shared_experts: int = field(default=-1, metadata={"help": "always-on shared experts"})
+    moe_shared_hidden: int = field(default=-1, metadata={"help": "hidden width of a shared expert"})
+    moe_shared_gate: int = field(default=-1, metadata={"help": "sigmoid gate on the shared output (0/1)"})
+    moe_router: str = field(default="", metadata={"help": "softmax | sigmoid"})
+    moe_norm_topk: int = field(default=-1, metadata={"help": "renormalise the top-k gates (0/1)"})
+    moe_routed_scale: float = field(default=-1.0, metadata={"help": "routed scaling factor"})
+    moe_aux_coef: float = field(default=-1.0, metadata={"help": "load-balancing loss weight"})
+    moe_balance_loss: str = field(default="", metadata={"help": "batch | sequence"})
+    moe_z_coef: float = field(default=-1.0, metadata={"help": "router z-loss weight"})
+    moe_bias_balancing: int = field(default=-1, metadata={"help": "auxiliary-loss-free bias balancing (0/1)"})
+    moe_bias_rate: float = field(default=-1.0, metadata={"help": "bias update rate"})
+    moe_act: str = field(default="", metadata={"help": "expert activation: leaky_relu2 | relu2 | swiglu"})
+    moe_dispatch: str = field(default="", metadata={"help": "auto | grouped | loop"})
     # --- optimizer -----------------------------------------------------------------------------
     tied_embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the tied token embedding"})
     embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the bigram and value-embedding tables"})
@@ -160,6 +184,8 @@ def _unset(value) -> bool:
 # uses the 11-layer records' recipe (TECHNIQUES.md §2.9, §2.10, §2.15, §2.19).
 ARCH_TRAIN_DEFAULTS = {
     "hybrid": {},
+    "rwkv7": {},
+    "moe": {},
     "gpt": dict(tied_embed_lr=0.05, embed_lr=0.6, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
                 muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0,
                 grad_clip_norm=0.0, ema_decay=0.0, late_qat_threshold=0.0, warmdown_iters=1200,
@@ -183,6 +209,9 @@ PRESETS = {
                  val_max_tokens=8192, train_log_every=5, eval_stride=32, eval_batch_seqs=64,
                  bigram_buckets=128, bigram_dim=16, ve_dim=16, ema_decay=0.9),
 }
+# `tiny`'s four layers per family (the hybrid's letters would not be valid RWKV or MoE patterns).
+TINY_PATTERNS = {"hybrid": "TWTF", "gpt": "FFFF", "rwkv7": "RRRR", "moe": "TtWf"}
+SEED_PRESETS = ("rize", "rish", "rwkv7-191m")
 
 
 def _parse_value(kind, text: str):
@@ -220,6 +249,8 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     if arch not in ARCH_DEFAULTS or arch not in ARCH_TRAIN_DEFAULTS:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ARCH_TRAIN_DEFAULTS)}")
     preset = explicit("preset") or ""
+    if preset in SEED_PRESETS:
+        return Hyperparameters(arch=arch, preset=preset)
     if preset and preset not in PRESETS:
         raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
     values = dict(ARCH_TRAIN_DEFAULTS[arch])
@@ -228,6 +259,8 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
         if arch_all.get(name, None) in (0, 0.0, False) and not isinstance(arch_all.get(name), str):
             continue  # a preset rescales a run; it never switches on what the arch switches off
         values[name] = value
+    if preset == "tiny":
+        values["layer_pattern"] = TINY_PATTERNS[arch]
     for name in kinds:
         value = explicit(name)
         if value is not None:
@@ -324,6 +357,10 @@ class NonFiniteLoss(RuntimeError):
 
 def main(argv: list[str] | None = None) -> int:
     h = resolve_hyperparameters(argv)
+    if h.preset in SEED_PRESETS:  # full-size seed models: counted on the meta device, never trained
+        r = named_model_preset(h.preset)
+        print(f"preset:{r.name} total_params:{r.total_params} active_params:{r.active_params}\n{r.description}")
+        return 0
     rt = setup_runtime()
     try:
         train(h, rt)
@@ -340,8 +377,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     device = rt.device
     use_cuda = device.type == "cuda"
     log = Logger(Path(h.log_dir) / f"{h.run_id}.txt", rt.is_main)
-    sources = project_source_files(ROOT)
-    for path in sources:  # the log carries the exact code that ran (golf habit)
+    for path in loaded_source_files(ROOT):  # the log carries the exact code that ran (golf habit)
         log(f"===== source:{path.relative_to(ROOT)} =====\n{path.read_text(encoding='utf-8')}", console=False)
     log(describe_system(device), console=False)
     compile_model = bool(h.compile) if h.compile >= 0 else use_cuda
@@ -374,7 +410,8 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     cfg = h.model_config()
     model = HybridGPT(cfg).to(device)
     log(f"model_config:{asdict(cfg)}", console=False)
-    log(f"model_params:{sum(p.numel() for p in model.parameters())} layer_pattern:{cfg.layer_pattern}")
+    total_params, active_params = model.param_counts()
+    log(f"model_params:{total_params} active_params_per_token:{active_params} layer_pattern:{cfg.layer_pattern}")
     run_model = torch.compile(model, dynamic=False, fullgraph=True) if compile_model else model
     if rt.distributed:
         run_model = DDP(run_model, device_ids=[rt.local_rank] if use_cuda else None, broadcast_buffers=False)
@@ -402,6 +439,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
+        model.after_optimizer_step()  # MoE: auxiliary-loss-free bias balancing (a no-op otherwise)
         return total / grad_accum
 
     def set_schedule(step: int, scale: float) -> None:
@@ -496,9 +534,15 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         if not use_cuda or log_now or checkpoint_now:  # on GPUs read the flag only where we sync anyway
             check_finite(bad_step, last_checkpoint)
         if log_now:
+            if rt.distributed:  # the logged loss is the global batch's mean, whatever the world size
+                loss = loss.clone()
+                dist.all_reduce(loss, op=dist.ReduceOp.SUM)
+                loss /= rt.world_size
             approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
             log(f"step:{step}/{h.iterations} train_loss:{loss.item():.4f} train_time:{approx_ms:.0f}ms "
                 f"step_avg:{approx_ms / step:.2f}ms lr_scale:{scale:.4f}")
+            if cfg.moe_layer_ids:
+                log(expert_load_summary(model.expert_load_stats()))
         if checkpoint_now:
             sync()
             train_ms += 1000.0 * (time.perf_counter() - t0)
@@ -518,7 +562,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     if use_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
-    return finish(h, rt, log, model, ema, cfg, precision_fn, validate, sources, step, train_ms)
+    return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms)
 
 
 def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
@@ -551,12 +595,12 @@ def write_checkpoint(h, rt, checkpoint_dir, model, optimizers, ema, loader, step
 
 def maybe_build_sample(h: Hyperparameters, rt: Runtime) -> None:
     """The offline sample corpus builds itself the first time a run asks for it."""
-    from data.sample import ensure_sample
-
     sample_dir = (ROOT / "data" / "datasets" / "sample_sp1024").resolve()
     if Path(h.data_path).resolve() != sample_dir:
         return
     if rt.is_main:
+        from data.sample import ensure_sample  # only sample runs import (and count) the builder
+
         ensure_sample(ROOT / "data")
     rt.barrier()
 
@@ -565,7 +609,7 @@ def maybe_build_sample(h: Hyperparameters, rt: Runtime) -> None:
 # PACKING AND THE FINAL ROUND-TRIP EVALUATION
 # ---------------------------------------------------------------------------------------------
 
-def finish(h, rt, log, model, ema, cfg, precision_fn, validate, sources, step, train_ms) -> dict:
+def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) -> dict:
     """EMA weights → (pre-quant score) → int artifact on disk → fresh model from the file → score."""
     device = rt.device
     use_cuda = device.type == "cuda"
@@ -589,6 +633,8 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, sources, step, t
     rt.barrier()
     blob = read_artifact(artifact_path)
     used = blob_compressor(blob)
+    sources = loaded_source_files(ROOT)  # everything this run imported, lazy imports included
+    log(f"code_files:{','.join(str(p.relative_to(ROOT)) for p in sources)}", console=False)
     report = BudgetReport(code_bytes=code_bytes(sources), model_bytes=artifact_path.stat().st_size)
     for line in report.lines():
         log(line)

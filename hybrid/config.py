@@ -5,10 +5,27 @@
 have exactly 17,059,912 parameters. Every field is validated on construction (`__post_init__`), so a
 bad env override fails before any tensor is allocated, with a message that names the field.
 
-Layer pattern: one letter per layer, written out at full length (no tiling), e.g. "TTTWTTWTTWTF":
+Layer pattern: one letter per layer, written out at full length (no tiling), e.g. "TTTWTTWTTWTF".
+The letter picks the block's sequence mixer:
   T  token-shift mixer (one-token lookback, no attention)       TECHNIQUES.md §1.4
   W  causal attention over a sliding window of `attn_window` tokens (the query and the w-1 before it)
   F  full causal attention
+  R  RWKV-7 time-mix (hybrid/rwkv7.py; ARCHS.md §1); the first R layer makes the value residual
+     v_first that every later R layer mixes in
+Its case picks the FFN: upper case = the dense FFN (the hybrid MLP; an R layer takes RWKV-7's
+channel-mix instead when rwkv_ffn="cmix"), lower case = the same mixer with a Mixture-of-Experts FFN
+(hybrid/moe.py, shaped by the moe_* fields, which need moe_num_experts > 0). So "TttWttWttWtF" says
+exactly which layers hold experts.
+
+Block style: "hybrid" (default) = the RMS-norm residual block of hybrid/model.py with resid_mix and
+per-branch scales; "rwkv" = RWKV-7's own pre-LayerNorm block (ln0 on the embedding, ln1/ln2, ln_out),
+parameter for parameter RWKV7LM, which takes only R/r letters (`--arch rwkv7`).
+
+Named architectures (ARCH_DEFAULTS): "hybrid", "gpt" (the naive baseline), "rwkv7" (RWKV7_PRESETS
+["golf"]: 8 × 512 RWKV-7, 23,901,696 params) and "moe" (MOE_PRESETS["golf"]'s FFNs on the hybrid's
+mixers: 11 × 512, dense layer 0, 4 routed experts top-1 + 1 shared in layers 1-10; 25,217,056 params,
+17,352,736 active per token). The full-size seeds (rize, rish, rwkv7-191m) stay in their modules;
+hybrid.model.named_model_preset counts them on the meta device.
 """
 
 from __future__ import annotations
@@ -16,21 +33,35 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+# hybrid.moe / hybrid.rwkv7 / hybrid.wkv7 are imported only where a config uses them: a run's code
+# bytes count the modules it imports (quant/budget.py), so a hybrid run must not load them.
+
 LAYER_KINDS = {
     "T": "token-shift mixer",
     "W": "sliding-window causal attention",
     "F": "full causal attention",
+    "R": "RWKV-7 time-mix",
 }
 MLP_ACTIVATIONS = ("leaky_relu2", "relu2")
+BLOCK_STYLES = ("hybrid", "rwkv")
+RWKV_FFNS = ("mlp", "cmix")
+# WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/wkv7.py).
+RWKV_MAX_CHUNK = 128
 
 
-def parse_layer_pattern(pattern: str, num_layers: int) -> list[str]:
-    """"TTWF" -> ["T", "T", "W", "F"]; ValueError (naming the allowed letters and both lengths) otherwise."""
+def parse_layer_pattern(pattern: str, num_layers: int, moe: bool = False) -> list[str]:
+    """"TTWF" -> ["T", "T", "W", "F"]; with moe=True lower-case letters (MoE FFN) are allowed too,
+    "TtRr" -> ["T", "t", "R", "r"]. ValueError (naming the allowed letters and both lengths) otherwise."""
     allowed = ", ".join(f"{k} = {v}" for k, v in LAYER_KINDS.items())
-    bad = sorted({c for c in pattern if c not in LAYER_KINDS})
+    allowed += "; lower case (t, w, f, r) = the same mixer with an MoE FFN"
+    letters = set(LAYER_KINDS) | ({k.lower() for k in LAYER_KINDS} if moe else set())
+    bad = sorted({c for c in pattern if c not in letters})
     if bad:
+        lower = [c for c in bad if c.upper() in LAYER_KINDS]
+        hint = (f"; the lower-case letter(s) {lower} ask for an MoE FFN, which needs moe_num_experts > 0 "
+                f"(it is 0)" if lower and not moe else "")
         raise ValueError(
-            f"layer_pattern {pattern!r} contains invalid letter(s) {bad}; allowed letters: {allowed}"
+            f"layer_pattern {pattern!r} contains invalid letter(s) {bad}; allowed letters: {allowed}{hint}"
         )
     if len(pattern) != num_layers:
         raise ValueError(
@@ -72,6 +103,31 @@ class ModelConfig:
     logit_softcap: float = 30.0
     tied_embed_init_std: float = 0.005
     ortho_init: bool = True
+    # ---- block style and RWKV-7 (R / r layers) --------------------------------------------------
+    block_style: str = "hybrid"  # "hybrid" | "rwkv" (RWKV-7's pre-LayerNorm block; R/r letters only)
+    rwkv_head_size: int = 64  # N: model_dim / N heads, state [N, N] per head
+    # Dense FFN of an R layer: "mlp" = the hybrid MLP (mlp_act), "cmix" = RWKV-7 channel-mix
+    # (token-shifted relu²). Both have hidden width mlp_mult * model_dim.
+    rwkv_ffn: str = "mlp"
+    rwkv_chunk: int = 16  # chunk of the PyTorch WKV form / checkpoint interval of the Triton kernel
+    rwkv_impl: str = "auto"  # auto | ref | chunked | triton (hybrid/wkv7.py)
+    # ---- Mixture of Experts (lower-case layers); see hybrid/moe.py MoEConfig ----------------------
+    moe_num_experts: int = 0  # routed experts per MoE layer; 0 = no MoE (lower-case letters refused)
+    moe_top_k: int = 1
+    moe_expert_hidden: int = 256  # hidden width of each routed expert
+    moe_shared_experts: int = 1  # always-on experts, fused into one MLP of moe_shared_hidden each
+    moe_shared_hidden: int = 384
+    moe_shared_gate: bool = False  # Qwen2-MoE: shared output × σ(w·x)
+    moe_router: str = "sigmoid"  # sigmoid (DeepSeek-V3) | softmax (Mixtral)
+    moe_norm_topk: bool = False  # renormalise the k gates to sum 1 (needs top_k >= 2)
+    moe_routed_scale: float = 1.0  # routed_scaling_factor
+    moe_aux_coef: float = 1e-4  # weight of the load-balancing loss added to the training loss
+    moe_balance_loss: str = "sequence"  # sequence (DeepSeek-V3) | batch (Switch/Mixtral)
+    moe_z_coef: float = 1e-3  # weight of the router z-loss
+    moe_bias_balancing: bool = True  # aux-loss-free balancing: HybridGPT.after_optimizer_step()
+    moe_bias_rate: float = 1e-3  # step of that bias update
+    moe_act: str = "leaky_relu2"  # expert activation: leaky_relu2 | relu2 | swiglu
+    moe_dispatch: str = "auto"  # auto (grouped_mm on CUDA bf16, else loop) | grouped | loop
 
     def __post_init__(self) -> None:
         self.validate()
@@ -80,7 +136,38 @@ class ModelConfig:
 
     @property
     def layer_kinds(self) -> list[str]:
-        return parse_layer_pattern(self.layer_pattern, self.num_layers)
+        """One letter per layer as written: upper case = dense FFN, lower case = MoE FFN."""
+        return parse_layer_pattern(self.layer_pattern, self.num_layers, moe=self.moe_num_experts > 0)
+
+    @property
+    def mixer_kinds(self) -> list[str]:
+        """The sequence mixer of each layer, upper case: T, W, F or R."""
+        return [k.upper() for k in self.layer_kinds]
+
+    @property
+    def moe_layer_ids(self) -> list[int]:
+        return [i for i, kind in enumerate(self.layer_kinds) if kind.islower()]
+
+    @property
+    def rwkv_layer_ids(self) -> list[int]:
+        return [i for i, kind in enumerate(self.mixer_kinds) if kind == "R"]
+
+    @property
+    def moe_config(self):
+        """The hybrid.moe.MoEConfig every MoE layer is built with, or None when the pattern has no MoE layer."""
+        if not self.moe_layer_ids:
+            return None
+        from hybrid.moe import MoEConfig
+
+        return MoEConfig(
+            num_experts=self.moe_num_experts, top_k=self.moe_top_k, expert_hidden=self.moe_expert_hidden,
+            num_shared_experts=self.moe_shared_experts, shared_hidden=self.moe_shared_hidden,
+            shared_gate=self.moe_shared_gate, router=self.moe_router, norm_topk_prob=self.moe_norm_topk,
+            routed_scaling_factor=self.moe_routed_scale, aux_loss_coef=self.moe_aux_coef,
+            balance_loss=self.moe_balance_loss, z_loss_coef=self.moe_z_coef,
+            bias_balancing=self.moe_bias_balancing, bias_update_rate=self.moe_bias_rate,
+            activation=self.moe_act, dispatch=self.moe_dispatch,
+        )
 
     @property
     def head_dim(self) -> int:
@@ -101,7 +188,7 @@ class ModelConfig:
 
     @property
     def attn_layers(self) -> list[int]:
-        return [i for i, kind in enumerate(self.layer_kinds) if kind in "WF"]
+        return [i for i, kind in enumerate(self.mixer_kinds) if kind in "WF"]
 
     @property
     def xsa_layer_ids(self) -> list[int]:
@@ -129,7 +216,9 @@ class ModelConfig:
         for name in ("vocab_size", "num_layers", "model_dim", "num_heads", "num_kv_heads", "ve_dim",
                      "bigram_dim"):
             need(getattr(self, name) > 0, f"{name} must be positive, got {getattr(self, name)}")
-        kinds = self.layer_kinds  # raises its own ValueError
+        need(self.moe_num_experts >= 0, f"moe_num_experts must be >= 0 (0 = no MoE), got {self.moe_num_experts}")
+        self.layer_kinds  # raises its own ValueError (letters, length, lower case without experts)
+        kinds = self.mixer_kinds
         need(self.model_dim % self.num_heads == 0,
              f"model_dim {self.model_dim} must be divisible by num_heads {self.num_heads}")
         need(self.num_heads % self.num_kv_heads == 0,
@@ -163,6 +252,60 @@ class ModelConfig:
                 need(0 <= i < self.num_layers and kinds[i] in "WF",
                      f"ve_layers entry {i} is not an attention layer (W or F) of pattern "
                      f"{self.layer_pattern!r}; attention layers are {self.attn_layers}")
+        self._validate_block_style(need)
+        if self.rwkv_layer_ids:
+            self._validate_rwkv(need)
+        if self.moe_layer_ids:
+            self._validate_moe(need)
+
+    def _validate_block_style(self, need) -> None:
+        need(self.block_style in BLOCK_STYLES, f"block_style must be one of {BLOCK_STYLES}, got {self.block_style!r}")
+        if self.block_style != "rwkv":
+            return
+        others = sorted({k for k in self.mixer_kinds if k != "R"})
+        need(not others,
+             f"block_style 'rwkv' builds RWKV-7 blocks, so layer_pattern may hold only R (or r = MoE FFN), got "
+             f"{self.layer_pattern!r} with {others}; use block_style 'hybrid' to mix R with T/W/F layers")
+        need(not self.smear, "smear is a hybrid-block feature (it acts after the embedding RMS norm, which "
+                             "block_style 'rwkv' replaces by ln0); set smear=False")
+        need(not self.ln_scale, "ln_scale (1/sqrt(layer+1) on the normed inputs) is a hybrid-block feature; "
+                                "set ln_scale=False with block_style 'rwkv'")
+
+    def _validate_rwkv(self, need) -> None:
+        from hybrid.wkv7 import WKV7_IMPLS
+
+        need(self.rwkv_head_size > 0 and self.model_dim % self.rwkv_head_size == 0,
+             f"model_dim {self.model_dim} must be divisible by rwkv_head_size {self.rwkv_head_size} "
+             f"(R layers: heads of rwkv_head_size channels)")
+        need(1 <= self.rwkv_chunk <= RWKV_MAX_CHUNK,
+             f"rwkv_chunk must be in [1, {RWKV_MAX_CHUNK}] (larger chunks overflow the fp32 decay factors), "
+             f"got {self.rwkv_chunk}")
+        need(self.rwkv_impl in WKV7_IMPLS, f"rwkv_impl must be one of {WKV7_IMPLS}, got {self.rwkv_impl!r}")
+        need(self.rwkv_ffn in RWKV_FFNS, f"rwkv_ffn must be one of {RWKV_FFNS}, got {self.rwkv_ffn!r}")
+
+    def _validate_moe(self, need) -> None:
+        from hybrid.moe import MOE_ACTIVATIONS, MOE_BALANCE_LOSSES, MOE_DISPATCH, MOE_ROUTERS
+
+        E = self.moe_num_experts
+        need(1 <= self.moe_top_k <= E, f"moe_top_k must be in [1, moe_num_experts={E}], got {self.moe_top_k}")
+        need(self.moe_expert_hidden >= 1, f"moe_expert_hidden must be >= 1, got {self.moe_expert_hidden}")
+        need(self.moe_shared_experts >= 0, f"moe_shared_experts must be >= 0, got {self.moe_shared_experts}")
+        need(self.moe_shared_experts == 0 or self.moe_shared_hidden >= 1,
+             f"moe_shared_hidden must be >= 1 when moe_shared_experts > 0, got {self.moe_shared_hidden}")
+        need(self.moe_router in MOE_ROUTERS, f"moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
+        need(self.moe_act in MOE_ACTIVATIONS, f"moe_act must be one of {MOE_ACTIVATIONS}, got {self.moe_act!r}")
+        need(self.moe_balance_loss in MOE_BALANCE_LOSSES,
+             f"moe_balance_loss must be one of {MOE_BALANCE_LOSSES}, got {self.moe_balance_loss!r}")
+        need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
+        need(not (self.moe_norm_topk and self.moe_top_k == 1),
+             "moe_norm_topk with moe_top_k=1 makes every gate exactly 1 (the router would get no gradient "
+             "from the LM loss); set moe_norm_topk=False")
+        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_routed_scale"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        try:
+            self.moe_config  # MoEConfig's own checks, should a rule exist only there
+        except ValueError as exc:
+            raise ValueError(f"ModelConfig: the moe_* fields give an invalid MoEConfig: {exc}") from None
 
 
 _GPT_OVERRIDES = {
@@ -182,7 +325,40 @@ _GPT_OVERRIDES = {
     "ortho_init": False,
 }
 
+# `--arch rwkv7` = RWKV7_PRESETS["golf"] (hybrid/rwkv7.py) as HybridGPT fields: pure RWKV-7 (pre-LN
+# blocks, channel-mix FFN 3x, 8 heads of 64, tied embedding with RWKV7LM's tied init, softcap 30), every
+# hybrid extra off. Same parameters as RWKV7LM(**RWKV7_PRESETS["golf"]): 23,901,696; ≈ 14.9 MB at int6
+# by estimate (0.6 B per int6 value + fp16 row scales, 1 B per int8 embedding value), before the code.
+# Written out rather than imported so that other runs do not load hybrid/rwkv7.py;
+# tests/test_arch_integration.py checks it against the preset.
+_RWKV7_OVERRIDES = {
+    "vocab_size": 1024, "num_layers": 8, "model_dim": 512, "mlp_mult": 3.0, "layer_pattern": "R" * 8,
+    "block_style": "rwkv", "rwkv_head_size": 64, "rwkv_ffn": "cmix", "logit_softcap": 30.0,
+    "tied_embed_init_std": 0.005,
+    "xsa_last": 0, "ve_layers": "none", "smear": False, "bigram_buckets": 0, "ln_scale": False,
+    "unet_skips": False,
+}
+
+# `--arch moe` = MOE_PRESETS["golf"]'s FFNs (hybrid/moe_presets.py: dense leaky-relu² 3x in layer 0;
+# one shared expert of 384 + 4 routed experts of 256, top-1, sigmoid router with bias balancing, aux
+# 1e-4 per sequence, z-loss 1e-3, in layers 1-10) on the hybrid's mixers: token shift with windowed
+# attention every third layer and full attention last, "TTTWTTWTTWF" (TECHNIQUES.md §1's rhythm at 11
+# layers), smear and XSA on the 4 attention layers. Pattern "Tttwttwttwf": 25,217,056 params, 17,352,736
+# active per token; ≈ 15.6 MB at int6 by the estimate above, ≈ 15.9 MB with the code. BigramHash + VE
+# would add ≈ 0.46 MB (over budget), so they are off. Written out like _RWKV7_OVERRIDES (same test).
+_MOE_OVERRIDES = {
+    "vocab_size": 1024, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
+    "layer_pattern": "Tttwttwttwf", "mlp_mult": 3.0, "mlp_act": "leaky_relu2",
+    "moe_num_experts": 4, "moe_top_k": 1, "moe_expert_hidden": 256, "moe_shared_experts": 1,
+    "moe_shared_hidden": 384, "moe_shared_gate": False, "moe_router": "sigmoid", "moe_norm_topk": False,
+    "moe_routed_scale": 1.0, "moe_aux_coef": 1e-4, "moe_balance_loss": "sequence", "moe_z_coef": 1e-3,
+    "moe_bias_balancing": True, "moe_bias_rate": 1e-3, "moe_act": "leaky_relu2", "moe_dispatch": "auto",
+    "bigram_buckets": 0, "ve_layers": "none",
+}
+
 ARCH_DEFAULTS: dict[str, dict] = {
     "hybrid": asdict(ModelConfig()),
     "gpt": {**asdict(ModelConfig()), **_GPT_OVERRIDES},
+    "rwkv7": {**asdict(ModelConfig()), **_RWKV7_OVERRIDES},
+    "moe": {**asdict(ModelConfig()), **_MOE_OVERRIDES},
 }

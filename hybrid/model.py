@@ -1,25 +1,40 @@
-"""HybridGPT: the decoder that both architectures share.
+"""HybridGPT: the decoder that every architecture shares (hybrid, gpt, rwkv7, moe).
 
     ids -> tok_emb (+ BigramHash) -> RMSNorm -> (SmearGate) = x0
-        -> blocks, each: x = m0⊙x + m1⊙x0;  x += mix_scale⊙mixer(norm(x)·s);  x += mlp_scale⊙mlp(norm(x)·s)
-           (mixer: TokenShiftMix for T, CausalAttention for W/F; s = LN scale; optional U-Net skips)
-        -> RMSNorm -> tied head -> softcap·tanh(z/softcap) -> fp32 cross-entropy
+        -> blocks, each: x = m0⊙x + m1⊙x0;  x += mix_scale⊙mixer(norm(x)·s);  x += mlp_scale⊙ffn(norm(x)·s)
+           (mixer: TokenShiftMix for T, CausalAttention for W/F, RWKV7TimeMix for R; ffn: MLP, RWKV-7
+           channel-mix for R with rwkv_ffn="cmix", MoEFFN for a lower-case letter; s = LN scale;
+           optional U-Net skips)
+        -> RMSNorm -> tied head -> softcap·tanh(z/softcap) -> fp32 cross-entropy (+ the MoE aux losses)
+
+block_style "rwkv" (`--arch rwkv7`) swaps the block for RWKV-7's own pre-LayerNorm one (`RWKVBlock`:
+ln0 on the embedding in layer 0, x += att(ln1(x)), x += ffn(ln2(x)); final ln_out instead of the RMS
+norm): with rwkv_ffn="cmix" and no MoE it is RWKV7LM(tie=True) parameter for parameter, under the same
+names except tok_emb for emb (tests/test_arch_integration.py checks equal logits).
+
+v_first, the value of the first R layer, is threaded through every block (T/W/F blocks pass it on
+untouched). MoE layers return their weighted aux loss, which `forward` adds to the cross-entropy
+(`forward_logits` returns pure logits); each MoE block also copies its load statistics into small
+non-persistent buffers, read by `expert_load_stats()`, so nothing syncs with the host during the
+forward. `after_optimizer_step()` applies the aux-loss-free bias update (a no-op without MoE).
 
 `ModelConfig()` gives the hybrid; `ModelConfig(**ARCH_DEFAULTS["gpt"])` gives the challenge's naive
 baseline, parameter for parameter (17,059,912; tests/test_model.py). The model holds no distributed
-code and compiles with torch.compile(fullgraph=True, dynamic=False). For a fast build without
+code and compiles with torch.compile(fullgraph=True, dynamic=False) (MoE: with the grouped dispatch,
+which "auto" picks on CUDA under bf16 autocast; the CPU loop dispatch syncs). For a fast build without
 memory, construct under `torch.device("meta")`, then `to_empty(device=...)` and `init_weights()`.
 """
 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybrid.config import ModelConfig
+from hybrid.config import ARCH_DEFAULTS, ModelConfig
 from hybrid.layers import (
     MLP,
     BigramHash,
@@ -31,32 +46,108 @@ from hybrid.layers import (
     rms_norm,
 )
 
+# hybrid.moe, hybrid.moe_presets and hybrid.rwkv7 are imported inside the functions that need them:
+# a run's code bytes are the modules it imports (quant/budget.py), so a hybrid run never loads them.
+
+
+def affine_layer_norm(x: Tensor, ln: nn.LayerNorm) -> Tensor:
+    """LayerNorm with its fp32 affine cast to the activation dtype (the repo's control-param rule)."""
+    return F.layer_norm(x, ln.normalized_shape, ln.weight.to(x.dtype), ln.bias.to(x.dtype), ln.eps)
+
+
+def to_autocast_dtype(x: Tensor) -> Tensor:
+    """x in the autocast dtype when autocast is on (else unchanged). The residual stream stays fp32
+    under autocast; MoE dispatch wants the bf16 input to take the grouped-mm path (no host sync)."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return x.to(torch.get_autocast_dtype(dev))
+    return x
+
+
+class MoELoadStats(nn.Module):
+    """Detached statistics of an MoE layer's last forward, kept in non-persistent buffers (not in the
+    state dict, the artifact or the EMA): expert_frac [E] (token-slot share of each expert, sums to 1)
+    and losses [3] = (weighted aux loss, balance loss, z-loss). Writing buffers in place keeps the
+    forward free of host syncs and compilable."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.register_buffer("expert_frac", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("losses", torch.zeros(3, dtype=torch.float32), persistent=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.expert_frac.zero_()
+            self.losses.zero_()
+
+    def record(self, aux: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.expert_frac.copy_(aux["expert_frac"])
+            self.losses.copy_(torch.stack((aux["loss"], aux["balance_loss"], aux["z_loss"])).detach())
+
+
+def build_ffn(cfg: ModelConfig, layer_idx: int, letter: str) -> tuple[nn.Module, str]:
+    """The FFN a pattern letter asks for: (module, kind) with kind "moe" (lower case), "cmix" (R with
+    rwkv_ffn="cmix") or "mlp"."""
+    C = cfg.model_dim
+    if letter.islower():
+        from hybrid.moe import MoEFFN
+
+        return MoEFFN(C, cfg.moe_config), "moe"
+    if letter == "R" and cfg.rwkv_ffn == "cmix":
+        from hybrid.rwkv7 import RWKV7ChannelMix
+
+        return RWKV7ChannelMix(C, cfg.mlp_hidden, layer_idx, cfg.num_layers), "cmix"
+    return MLP(C, cfg.mlp_hidden, cfg.mlp_act), "mlp"
+
+
+def run_ffn(ffn: nn.Module, kind: str, h: Tensor, stats: MoELoadStats | None) -> tuple[Tensor, Tensor | None]:
+    """Apply an FFN made by `build_ffn`: (output, weighted MoE aux loss or None)."""
+    if kind == "moe":
+        y, aux = ffn(to_autocast_dtype(h))
+        stats.record(aux)
+        return y, aux["loss"]
+    if kind == "cmix":
+        return ffn(h)[0], None
+    return ffn(h), None
+
 
 class Block(nn.Module):
-    """Pre-norm residual block with a sequence mixer and an MLP. [B, T, C] -> [B, T, C].
+    """Pre-norm residual block with a sequence mixer and an FFN. [B, T, C] -> [B, T, C].
 
-    kind "T" -> TokenShiftMix; "W" -> CausalAttention with window cfg.attn_window; "F" -> full.
+    Mixer by letter: "T" -> TokenShiftMix; "W" -> CausalAttention with window cfg.attn_window; "F" ->
+    full; "R" -> RWKV7TimeMix (`first_rwkv` marks the layer that makes v_first). FFN: the MLP, RWKV-7
+    channel-mix for "R" with cfg.rwkv_ffn == "cmix", or MoEFFN for a lower-case letter.
     resid_mix (2 × C, init [1, 0]) blends the stream with x0 first (baseline). With cfg.ln_scale the
     normed inputs of both sublayers are scaled by 1/sqrt(layer_idx+1) (golf PR #315); unlike the
     published hybrid, which skipped it in token-shift blocks, we apply it to every block so the
-    depth schedule does not depend on the layer kind."""
+    depth schedule does not depend on the layer kind.
 
-    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+    forward(x, x0, ve, v_first) -> (x, v_first, weighted MoE aux loss or None)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, first_rwkv: bool = False):
         super().__init__()
         C = cfg.model_dim
-        self.kind = kind
+        self.kind = kind.upper()  # the mixer
+        self.is_moe = kind.islower()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
-        if kind == "T":
+        if self.kind == "T":
             self.mixer: nn.Module = TokenShiftMix(C)
+        elif self.kind == "R":
+            from hybrid.rwkv7 import RWKV7TimeMix
+
+            self.mixer = RWKV7TimeMix(C, cfg.rwkv_head_size, layer_idx, cfg.num_layers, first=first_rwkv,
+                                      chunk_size=cfg.rwkv_chunk, impl=cfg.rwkv_impl)
         else:
             self.mixer = CausalAttention(
                 C, cfg.num_heads, cfg.num_kv_heads, cfg.rotary_dims, cfg.rope_base, cfg.qk_gain_init,
-                window=cfg.attn_window if kind == "W" else None,
+                window=cfg.attn_window if self.kind == "W" else None,
                 xsa=layer_idx in cfg.xsa_layer_ids,
                 use_ve=layer_idx in cfg.ve_layer_ids,
                 qk_norm_gain=cfg.qk_norm_gain,
             )
-        self.mlp = MLP(C, cfg.mlp_hidden, cfg.mlp_act)
+        self.mlp, self.ffn_kind = build_ffn(cfg, layer_idx, kind)
+        self.moe_stats = MoELoadStats(cfg.moe_num_experts) if self.is_moe else None
         self.mix_scale = nn.Parameter(torch.empty(C))
         self.mlp_scale = nn.Parameter(torch.empty(C))
         self.resid_mix = nn.Parameter(torch.empty(2, C))
@@ -73,31 +164,81 @@ class Block(nn.Module):
         h = rms_norm(x)
         return h * self.ln_scale if self.ln_scale != 1.0 else h
 
-    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None,
+                v_first: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
+        h = self._norm(x)
         if self.kind == "T":
-            out = self.mixer(self._norm(x))
+            out = self.mixer(h)
+        elif self.kind == "R":
+            out, v_first, _ = self.mixer(h, v_first)
         else:
-            out = self.mixer(self._norm(x), ve)
+            out = self.mixer(h, ve)
         x = x + self.mix_scale.to(x.dtype) * out
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(self._norm(x))
+        y, aux_loss = run_ffn(self.mlp, self.ffn_kind, self._norm(x), self.moe_stats)
+        return x + self.mlp_scale.to(x.dtype) * y, v_first, aux_loss
+
+
+class RWKVBlock(nn.Module):
+    """RWKV-7's pre-LayerNorm block (block_style "rwkv"), with RWKV7Block's structure and parameter
+    names (ln0 in layer 0, ln1, ln2, att, ffn), whose FFN may also be the MLP (rwkv_ffn="mlp") or an
+    MoEFFN (letter "r"). [B, T, C] -> [B, T, C].
+
+        x = ln0(x) (layer 0);  x += att(ln1(x), v_first);  x += ffn(ln2(x))
+
+    forward(x, x0, ve, v_first) -> (x, v_first, weighted MoE aux loss or None); x0 and ve are unused
+    (the signature is Block's)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
+        super().__init__()
+        if kind.upper() != "R":
+            raise ValueError(f"RWKVBlock takes only R/r layers, got {kind!r}")
+        from hybrid.rwkv7 import RWKV7TimeMix
+
+        C = cfg.model_dim
+        self.kind = "R"
+        self.is_moe = kind.islower()
+        self.ln0 = nn.LayerNorm(C) if layer_idx == 0 else None
+        self.ln1 = nn.LayerNorm(C)
+        self.ln2 = nn.LayerNorm(C)
+        self.att = RWKV7TimeMix(C, cfg.rwkv_head_size, layer_idx, cfg.num_layers, first=layer_idx == 0,
+                                chunk_size=cfg.rwkv_chunk, impl=cfg.rwkv_impl)
+        self.ffn, self.ffn_kind = build_ffn(cfg, layer_idx, kind)
+        self.moe_stats = MoELoadStats(cfg.moe_num_experts) if self.is_moe else None
+
+    def forward(self, x: Tensor, x0: Tensor | None = None, ve: Tensor | None = None,
+                v_first: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        if self.ln0 is not None:
+            x = affine_layer_norm(x, self.ln0)
+        dx, v_first, _ = self.att(affine_layer_norm(x, self.ln1), v_first)
+        x = x + dx
+        y, aux_loss = run_ffn(self.ffn, self.ffn_kind, affine_layer_norm(x, self.ln2), self.moe_stats)
+        return x + y, v_first, aux_loss
 
 
 class HybridGPT(nn.Module):
-    """forward(input_ids, target_ids) -> mean loss; forward_logits(input_ids) -> (B, T, V) fp32."""
+    """forward(input_ids, target_ids) -> mean loss (+ MoE aux losses); forward_logits(input_ids) ->
+    (B, T, V) fp32 logits; expert_load_stats() / after_optimizer_step() for MoE layers."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
         C = cfg.model_dim
+        self.rwkv_style = cfg.block_style == "rwkv"
         self.tok_emb = nn.Embedding(cfg.vocab_size, C)
         self.bigram = BigramHash(cfg.bigram_buckets, cfg.bigram_dim, C) if cfg.bigram_buckets > 0 else None
         self.smear = SmearGate(C) if cfg.smear else None
         self.ve_layer_ids = cfg.ve_layer_ids
         self.ve = ValueEmbedding(cfg.vocab_size, cfg.ve_dim, cfg.kv_dim) if self.ve_layer_ids else None
-        self.blocks = nn.ModuleList(Block(cfg, i, kind) for i, kind in enumerate(cfg.layer_kinds))
+        if self.rwkv_style:
+            self.blocks = nn.ModuleList(RWKVBlock(cfg, i, kind) for i, kind in enumerate(cfg.layer_kinds))
+        else:
+            first_r = cfg.rwkv_layer_ids[0] if cfg.rwkv_layer_ids else -1
+            self.blocks = nn.ModuleList(Block(cfg, i, kind, first_rwkv=i == first_r)
+                                        for i, kind in enumerate(cfg.layer_kinds))
+        self.ln_out = nn.LayerNorm(C) if self.rwkv_style else None
         # Baseline U-Net: the first L//2 blocks push their outputs, the later ones pop in reverse.
         self.num_encoder_layers = cfg.num_layers // 2 if cfg.unet_skips else 0
         self.skip_weights = nn.Parameter(torch.empty(self.num_encoder_layers, C)) if cfg.unet_skips else None
@@ -112,11 +253,15 @@ class HybridGPT(nn.Module):
         |-----------------------------------------------|------------------------------------------|
         | tok_emb.weight (tied head)                    | N(0, tied_embed_init_std = 0.005)        |
         | CastedLinear with _zero_init (attention proj, | 0 (baseline)                             |
-        |   mlp.proj, token-shift w_v)                  |                                          |
+        |   mlp.proj, token-shift w_v, expert proj)     |                                          |
         | other CastedLinear, ortho_init, both dims>=64 | orthogonal, gain 1 (golf PR #164)        |
         |   bigram.proj, ve.proj (outputs into stream)  |   then × 1/sqrt(2·num_layers) (records'  |
         |                                               |   muP-style scaling, TECHNIQUES.md §2.17)|
         | other CastedLinear                            | PyTorch default (kaiming-uniform, a=√5)  |
+        | RWKV-7 time-mix / channel-mix (R layers),     | RWKV-7 reference init, every parameter:  |
+        |   matrices and LoRAs included                 |   RWKV7TimeMix/ChannelMix.reset_parameters |
+        | MoE router (nn.Linear) / expert_bias          | PyTorch default / 0                      |
+        | LayerNorms (block_style "rwkv")               | 1, 0                                     |
         | bigram.table / bigram.bigram_scale            | 0 / 0.05                                 |
         | ve.table / ve.shared_scale / mixer.ve_scale   | N(0, 0.01) / 0.1 / 1                     |
         | smear.gate                                    | 0 (σ = 0.5)                              |
@@ -131,8 +276,17 @@ class HybridGPT(nn.Module):
         self.tok_emb.weight.normal_(0.0, cfg.tied_embed_init_std)
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
+        # RWKV-7 modules own the init of everything inside them (reference init, ARCHS.md §1.6).
+        rwkv: list[nn.Module] = []
+        if cfg.rwkv_layer_ids:
+            from hybrid.rwkv7 import RWKV7ChannelMix, RWKV7TimeMix
+
+            rwkv = [m for m in self.modules() if isinstance(m, (RWKV7TimeMix, RWKV7ChannelMix))]
+        owned = {id(sub) for m in rwkv for sub in m.modules()}
         out_proj = {m for m in (self.bigram, self.ve) if m is not None}
         for module in self.modules():
+            if id(module) in owned:
+                continue
             if isinstance(module, CastedLinear):
                 if module._zero_init:
                     module.weight.zero_()
@@ -143,40 +297,162 @@ class HybridGPT(nn.Module):
                 if module.bias is not None:
                     module.bias.zero_()
             elif module is not self and hasattr(module, "reset_parameters") and not isinstance(module, nn.Embedding):
-                module.reset_parameters()  # leaf control params (and the bigram/VE tables)
+                module.reset_parameters()  # leaf control params (and the bigram/VE tables, MoE buffers)
+        for module in rwkv:
+            module.reset_parameters()
         for module in out_proj:
             if cfg.ortho_init and min(module.proj.weight.shape) >= 64:
                 module.proj.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        """[B, T] int ids -> [B, T, V] float32 logits after the softcap."""
+    def forward_with_aux(self, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, T] int ids -> ([B, T, V] float32 logits after the softcap, summed weighted MoE aux loss
+        (fp32 scalar) or None when the model has no MoE layer)."""
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.bigram is not None:
             x = x + self.bigram(input_ids)
-        x = rms_norm(x)
-        if self.smear is not None:
-            x = self.smear(x, input_ids)
+        if not self.rwkv_style:  # RWKV blocks normalise the embedding with ln0 inside block 0
+            x = rms_norm(x)
+            if self.smear is not None:
+                x = self.smear(x, input_ids)
         x0 = x
         ve = self.ve(input_ids) if self.ve is not None else None  # (B, T, G*D)
+        v_first: Tensor | None = None  # value of the first R layer (RWKV-7 value residual)
+        aux_loss: Tensor | None = None
         skips: list[Tensor] = []
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x = block(x, x0, ve if i in self.ve_layer_ids else None)
+            x, v_first, aux = block(x, x0, ve if i in self.ve_layer_ids else None, v_first)
+            if aux is not None:
+                aux_loss = aux if aux_loss is None else aux_loss + aux
             if i < self.num_encoder_layers:
                 skips.append(x)
-        x = rms_norm(x)
+        x = affine_layer_norm(x, self.ln_out) if self.ln_out is not None else rms_norm(x)
         # Softcap in fp32 (the baseline applies it in the autocast dtype, then upcasts for the CE).
         z = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()  # (B, T, V)
         c = self.cfg.logit_softcap
-        return c * torch.tanh(z / c)
+        return c * torch.tanh(z / c), aux_loss
+
+    def forward_logits(self, input_ids: Tensor) -> Tensor:
+        """[B, T] int ids -> [B, T, V] float32 logits after the softcap (no aux loss)."""
+        return self.forward_with_aux(input_ids)[0]
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        """Mean next-token cross-entropy (nats) over all B·T positions, in fp32."""
-        logits = self.forward_logits(input_ids)
-        return F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
+        """Mean next-token cross-entropy (nats) over all B·T positions, in fp32, plus the weighted MoE
+        aux losses (load balance + router z-loss) when the pattern has MoE layers."""
+        logits, aux_loss = self.forward_with_aux(input_ids)
+        loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
+        return loss if aux_loss is None else loss + aux_loss
+
+    # ---- Mixture of Experts bookkeeping ---------------------------------------------------------
+
+    def moe_blocks(self) -> list[tuple[int, nn.Module]]:
+        return [(i, b) for i, b in enumerate(self.blocks) if b.moe_stats is not None]
+
+    @torch.no_grad()
+    def expert_load_stats(self) -> list[dict]:
+        """Per MoE layer, from the last forward (training or eval), detached tensors on the model's
+        device (no host sync here; format with `expert_load_summary` when logging):
+        layer (block index), expert_frac [E] (share of token slots, sums to 1), load_max_mean
+        (max/mean load, 1 = balanced), aux_loss (weighted, as added to the loss), balance_loss,
+        z_loss (unweighted), expert_bias [E] (the selection bias of aux-loss-free balancing)."""
+        out = []
+        for i, block in self.moe_blocks():
+            s = block.moe_stats
+            frac = s.expert_frac.detach().clone()
+            moe = block.mlp if isinstance(block, Block) else block.ffn
+            out.append({"layer": i, "expert_frac": frac, "load_max_mean": frac.max() * frac.numel(),
+                        "aux_loss": s.losses[0].clone(), "balance_loss": s.losses[1].clone(),
+                        "z_loss": s.losses[2].clone(), "expert_bias": moe.expert_bias.detach().clone()})
+        return out
+
+    def after_optimizer_step(self) -> int:
+        """Aux-loss-free balancing: move every MoE layer's selection bias toward uniform load using
+        the token counts of the training forwards since the last call (all-reduced across ranks when
+        torch.distributed is initialised, so call it on every rank). Returns the number of layers
+        updated; 0 (a no-op) without MoE layers or with moe_bias_balancing off."""
+        if not self.cfg.moe_layer_ids:
+            return 0
+        from hybrid.moe import update_expert_biases
+
+        return update_expert_biases(self)
+
+    def param_counts(self) -> tuple[int, int]:
+        """(total, active per token): active leaves out the routed experts a token does not use,
+        (E − k) per MoE layer (the moe_presets convention; the tied embedding counts as active)."""
+        total = count_params(self)
+        inactive = 0
+        for _, block in self.moe_blocks():
+            moe = block.mlp if isinstance(block, Block) else block.ffn
+            per_expert = sum(p.numel() for p in moe.experts[0].parameters())
+            inactive += (moe.cfg.num_experts - moe.cfg.top_k) * per_expert
+        return total, total - inactive
 
 
 def count_params(model: nn.Module) -> int:
     """Number of distinct parameters (the tied embedding counts once), as the baseline logs it."""
     return sum(p.numel() for p in model.parameters())
+
+
+def expert_load_summary(stats: list[dict]) -> str:
+    """One log line from `HybridGPT.expert_load_stats()` (this syncs: call it only when logging), e.g.
+    "moe_load L1:max/mean=1.21,frac=[0.31 0.22 0.25 0.22],aux=0.0021 L2:..."."""
+    parts = []
+    for s in stats:
+        frac = " ".join(f"{v:.3f}" for v in s["expert_frac"].float().tolist())
+        parts.append(f"L{s['layer']}:max/mean={s['load_max_mean'].item():.3f},frac=[{frac}],"
+                     f"aux={s['aux_loss'].item():.5f}")
+    return "moe_load " + " ".join(parts) if parts else "moe_load none"
+
+
+# ---- named full-size presets (counted on the meta device) -------------------------------------------
+
+class ModelPresetReport(NamedTuple):
+    name: str
+    description: str
+    total_params: int
+    active_params: int  # per token; equal to total for dense models
+
+
+NAMED_MODEL_PRESETS = ("rize", "rish", "rwkv7-191m", *ARCH_DEFAULTS)
+
+
+def named_model_preset(name: str) -> ModelPresetReport:
+    """Describe and count a named model without allocating it (built on the meta device):
+    "rize" / "rish" (the seed MoE models, hybrid/moe_presets.py), "rwkv7-191m" (the seed RWKV-7,
+    hybrid/rwkv7.py), or an `--arch` name (hybrid, gpt, rwkv7, moe) at its default config."""
+    if name in ("rize", "rish"):
+        from hybrid.moe_presets import MoETransformer, count_active_params, count_total_params, moe_preset
+
+        cfg = moe_preset(name)
+        with torch.device("meta"):
+            model = MoETransformer(cfg)
+        m = cfg.moe
+        desc = (f"{name}: MoE transformer, {cfg.num_layers} layers x {cfg.model_dim}, {cfg.num_heads} heads "
+                f"({cfg.num_kv_heads} KV), {m.num_experts} routed experts top-{m.top_k} of {m.activation} "
+                f"width {m.expert_hidden} + {m.num_shared_experts} shared, {m.router} router, vocab "
+                f"{cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'} head")
+        return ModelPresetReport(name, desc, count_total_params(model), count_active_params(cfg))
+    if name == "rwkv7-191m":
+        from hybrid.rwkv7 import RWKV7_PRESETS, RWKV7LM
+
+        kw = dict(RWKV7_PRESETS[name])
+        with torch.device("meta"):
+            model = RWKV7LM(**kw)
+        total = count_params(model)
+        desc = (f"{name}: RWKV-7 (x070), {kw['num_layers']} layers x {kw['dim']}, head {kw['head_size']}, "
+                f"channel-mix {kw['ffn_hidden']}, vocab {kw['vocab_size']}, "
+                f"{'tied' if kw.get('tie') else 'untied'} head")
+        return ModelPresetReport(name, desc, total, total)
+    if name in ARCH_DEFAULTS:
+        cfg = ModelConfig(**ARCH_DEFAULTS[name])
+        with torch.device("meta"):
+            model = HybridGPT(cfg)
+        total, active = model.param_counts()
+        desc = (f"--arch {name}: HybridGPT, {cfg.num_layers} layers x {cfg.model_dim}, pattern "
+                f"{cfg.layer_pattern!r}, block style {cfg.block_style}, vocab {cfg.vocab_size} tied")
+        if cfg.moe_layer_ids:
+            desc += (f", {len(cfg.moe_layer_ids)} MoE layers of {cfg.moe_num_experts} experts top-"
+                     f"{cfg.moe_top_k} + {cfg.moe_shared_experts} shared")
+        return ModelPresetReport(name, desc, total, active)
+    raise ValueError(f"unknown model preset {name!r}; choose one of {list(NAMED_MODEL_PRESETS)}")

@@ -110,14 +110,26 @@ def is_embedding(name: str) -> bool:
     return any(name.endswith(e) for e in EMBEDDING_NAMES)
 
 
+# MoE routers (and the Qwen-style shared-expert gate): E×C logits that pick experts. They stay with
+# Adam at any E (ARCHS.md §2.4: a small, separate learning rate; an orthogonalised update would give
+# every expert's logit the same step size). Without this rule a router with E >= 16 would go to Muon.
+ROUTER_NAMES = ("router.weight", "shared_gate.weight")
+
+
+def is_router(name: str) -> bool:
+    return any(name == r or name.endswith("." + r) for r in ROUTER_NAMES)
+
+
 def is_matrix(name: str, p: Tensor) -> bool:
     """Muon's share: true 2-D weight matrices. Per-channel control tensors that happen to be
-    2-D (resid_mix is 2×C, skip_weights is L/2×C) have a tiny dimension and stay with Adam."""
-    return p.ndim == 2 and min(p.shape) >= 16 and not is_embedding(name)
+    2-D (resid_mix is 2×C, skip_weights is L/2×C) have a tiny dimension and stay with Adam, and so
+    do MoE routers, by name, whatever their size."""
+    return p.ndim == 2 and min(p.shape) >= 16 and not is_embedding(name) and not is_router(name)
 
 
 def split_params(model: torch.nn.Module):
-    """(embeddings, matrices, scalars): every trainable parameter lands in exactly one group."""
+    """(embeddings, matrices, scalars): every trainable parameter lands in exactly one group; MoE
+    routers are in the scalar (Adam) group."""
     emb, mat, sca = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

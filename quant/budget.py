@@ -2,10 +2,14 @@
 
 The challenge counts the bytes of the code that produces the model plus the bytes of the compressed
 model (GOLF.md §3.6, §4.6). Code bytes here are file sizes on disk (for UTF-8 text, the same number
-as the baseline's `len(code.encode("utf-8"))`), summed over `project_source_files`.
+as the baseline's `len(code.encode("utf-8"))`). The trainer sums them over `loaded_source_files`:
+`train_gpt.py` plus every project module the run actually imported (so an architecture that is
+not used, say RWKV-7 in a hybrid run, costs nothing). `project_source_files` is the static upper
+bound: every module of the packages the trainer may import.
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,6 +41,21 @@ def project_source_files(root) -> list[Path]:
             if package == "data" and path.name in NOT_IMPORTED_BY_TRAINER and path.parent == root / "data":
                 continue
             files.append(path)
+    return sorted(files)
+
+
+def loaded_source_files(root, entry="train_gpt.py") -> list[Path]:
+    """`root/entry` plus the file of every module in `sys.modules` that lives under `root/<package>`
+    for the trainer's packages, sorted. Call it after the run has imported everything it uses."""
+    root = Path(root).resolve()
+    files = {root / entry} if (root / entry).is_file() else set()
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        path = Path(path).resolve()
+        if path.suffix == ".py" and path.is_relative_to(root) and path.relative_to(root).parts[0] in TRAINER_PACKAGES:
+            files.add(path)
     return sorted(files)
 
 

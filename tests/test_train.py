@@ -85,7 +85,7 @@ def test_two_processes_equal_one_process_with_accumulation(tmp_path, sample_corp
 
 
 def test_diverging_run_stops_and_names_the_step(tmp_path, sample_corpus):
-    proc, log = run_trainer(tmp_path, "nan", {"ITERATIONS": 20, "TIED_EMBED_LR": 1e38, "SCALAR_LR": 1e38,
+    proc, log = run_trainer(tmp_path, "nan", {"ITERATIONS": 20, "TIED_EMBED_LR": 1e30, "SCALAR_LR": 1e30,
                                               "CHECKPOINT_EVERY": 1}, check=False)
     assert proc.returncode == 3, proc.stderr[-2000:]
     m = re.search(r"non-finite train loss \(nan/inf\) at step (\d+)", proc.stderr)

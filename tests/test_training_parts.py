@@ -174,3 +174,16 @@ def test_help_lists_env_names():
                          env=dict(os.environ), timeout=120)
     assert out.returncode == 0
     assert "--matrix-lr" in out.stdout and "MATRIX_LR" in out.stdout and "LAYER_PATTERN" in out.stdout
+
+
+def test_code_bytes_count_the_modules_a_run_imports():
+    """Code bytes = train_gpt.py + the project modules the run imported, summed from disk."""
+    script = ("import train_gpt, sys; from quant.budget import loaded_source_files, code_bytes; "
+              "fs = loaded_source_files(train_gpt.ROOT); print(code_bytes(fs)); "
+              "print('\\n'.join(str(f.relative_to(train_gpt.ROOT)) for f in fs))")
+    out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    total, *names = out.stdout.split()
+    assert "train_gpt.py" in names and "hybrid/model.py" in names and "quant/artifact.py" in names
+    assert "hybrid/rwkv7.py" not in names and "data/download.py" not in names  # not imported by a hybrid run
+    assert int(total) == sum((ROOT / n).stat().st_size for n in names)
