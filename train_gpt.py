@@ -377,7 +377,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     device = rt.device
     use_cuda = device.type == "cuda"
     log = Logger(Path(h.log_dir) / f"{h.run_id}.txt", rt.is_main)
-    for path in loaded_source_files(ROOT):  # the log carries the exact code that ran (golf habit)
+    for path in run_source_files():  # the log carries the exact code that ran (golf habit)
         log(f"===== source:{path.relative_to(ROOT)} =====\n{path.read_text(encoding='utf-8')}", console=False)
     log(describe_system(device), console=False)
     compile_model = bool(h.compile) if h.compile >= 0 else use_cuda
@@ -593,6 +593,13 @@ def write_checkpoint(h, rt, checkpoint_dir, model, optimizers, ema, loader, step
     return path
 
 
+def run_source_files() -> list[Path]:
+    """The code this run counts: this script plus every project module it imported. A bundled
+    train_gpt.py (`python -m records bundle`) imports no project module, so it counts its own file
+    alone; for a packed bundle `__file__` is the self-extracting stub, the bytes the challenge counts."""
+    return loaded_source_files(ROOT, entry=Path(__file__).name)
+
+
 def maybe_build_sample(h: Hyperparameters, rt: Runtime) -> None:
     """The offline sample corpus builds itself the first time a run asks for it."""
     sample_dir = (ROOT / "data" / "datasets" / "sample_sp1024").resolve()
@@ -633,7 +640,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     rt.barrier()
     blob = read_artifact(artifact_path)
     used = blob_compressor(blob)
-    sources = loaded_source_files(ROOT)  # everything this run imported, lazy imports included
+    sources = run_source_files()  # everything this run imported, lazy imports included
     log(f"code_files:{','.join(str(p.relative_to(ROOT)) for p in sources)}", console=False)
     report = BudgetReport(code_bytes=code_bytes(sources), model_bytes=artifact_path.stat().st_size)
     for line in report.lines():

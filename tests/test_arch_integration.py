@@ -201,7 +201,7 @@ def test_blocks_mixers_and_ffns():
     assert model.blocks[2].mixer.first and not hasattr(model.blocks[2].mixer, "v1")
     assert not model.blocks[3].mixer.first and model.blocks[3].mixer.v1.shape == (64, 32)
     cmix = HybridGPT(pattern_cfg("TRWF", rwkv_ffn="cmix"))
-    assert isinstance(cmix.blocks[1].mlp, RWKV7ChannelMix) and cmix.blocks[1].mlp.key.weight.shape == (192, 64)
+    assert isinstance(cmix.blocks[1].mlp, RWKV7ChannelMix) and cmix.blocks[1].mlp.key.weight.shape == (cmix.cfg.mlp_hidden, 64)
     assert type(cmix.blocks[0].mlp).__name__ == "MLP"  # channel-mix only for R layers
     rwkv = HybridGPT(arch_cfg("rwkv7"))
     assert all(isinstance(b, RWKVBlock) for b in rwkv.blocks) and rwkv.blocks[0].ln0 is not None

@@ -1,0 +1,281 @@
+"""Bundle the trainer into one self-contained `train_gpt.py` (the file the challenge counts).
+
+The challenge counts the bytes of the single `train_gpt.py` that runs from inside a record folder,
+so a record cannot import `hybrid/`, `quant/` or `data/`. `bundle_source()` concatenates the modules
+a default hybrid run imports, in dependency order, into one script:
+
+- the project modules are found from `train_gpt.py`'s top-level project imports, transitively;
+- every `from hybrid.x import …` / `from quant.x import …` / `from data.x import …` line is removed
+  (top-level ones, and lazy ones inside functions, which become `pass`: the names are global in the
+  bundle); a lazy import of a module that is NOT in the bundle (RWKV-7, MoE, the sample builder)
+  becomes `raise ImportError(...)` naming the module, so a bundled default run never needs them and
+  a bundled run that does fails with a clear message instead of a NameError;
+- stdlib/third-party imports are merged at the top after one `from __future__ import annotations`;
+  try/except imports (optional compressors) stay where they are;
+- package module docstrings are replaced by a one-line banner naming the source file;
+- two modules defining the same top-level name is an error (BundleError), as is an import alias that
+  means two different things;
+- the trainer comes last, so its `if __name__ == "__main__":` ends the file.
+
+Packed variant (`pack_source`): `train_gpt.py` is a 3-line stub that base85-decodes and decompresses
+(lzma or brotli) the readable source and execs it in its own module namespace with `__file__` left
+as the stub's path, so `ROOT = Path(__file__).resolve().parent` still is the record folder. The
+readable copy is written beside it as `train_gpt_readable.py`. Output is deterministic.
+"""
+from __future__ import annotations
+
+import ast
+import base64
+import lzma
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PROJECT_PACKAGES = ("hybrid", "quant", "data")
+ENTRY = "train_gpt.py"
+READABLE_NAME = "train_gpt_readable.py"
+LINE_LIMIT = 1500  # the challenge's readability limit for train_gpt.py
+PACKERS = ("lzma", "brotli", "none")
+
+
+class BundleError(RuntimeError):
+    pass
+
+
+def _is_project(module: str | None) -> bool:
+    return bool(module) and module.split(".")[0] in PROJECT_PACKAGES
+
+
+def _module_path(root: Path, module: str) -> Path:
+    path = root.joinpath(*module.split(".")).with_suffix(".py")
+    if not path.is_file():
+        raise BundleError(f"project module {module} has no file {path}")
+    return path
+
+
+def _parse(path: Path) -> tuple[str, ast.Module]:
+    text = path.read_text(encoding="utf-8")
+    return text, ast.parse(text, filename=str(path))
+
+
+def _project_imports(tree: ast.Module, where: str) -> tuple[list[str], list[ast.ImportFrom]]:
+    """(top-level project modules imported, lazy project ImportFrom nodes inside functions/blocks)."""
+    top, lazy = [], []
+    top_nodes = set(id(n) for n in tree.body)
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import) and any(_is_project(a.name) for a in node.names):
+            raise BundleError(f"{where}:{node.lineno}: `import {node.names[0].name}` form is not bundleable; "
+                              f"use `from package.module import name` (docs/DESIGN.md)")
+        if isinstance(node, ast.ImportFrom) and (node.level or _is_project(node.module)):
+            if node.level:
+                raise BundleError(f"{where}:{node.lineno}: relative imports are not bundleable")
+            if id(node) in top_nodes:
+                top.append(node.module)
+            else:
+                lazy.append(node)
+    return top, lazy
+
+
+def collect_modules(root: Path = REPO) -> list[str]:
+    """Project modules the trainer imports at top level, transitively, in dependency order
+    (a module comes after every module it imports at top level)."""
+    order: list[str] = []
+    visiting: set[str] = set()
+
+    def visit(module: str) -> None:
+        if module in order:
+            return
+        if module in visiting:
+            raise BundleError(f"import cycle through {module}")
+        visiting.add(module)
+        _, tree = _parse(_module_path(root, module))
+        for dep in _project_imports(tree, module)[0]:
+            visit(dep)
+        visiting.discard(module)
+        order.append(module)
+
+    _, tree = _parse(root / ENTRY)
+    for dep in _project_imports(tree, ENTRY)[0]:
+        visit(dep)
+    return order
+
+
+def _defined_names(tree: ast.Module) -> list[str]:
+    names = []
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.append(node.name)
+        elif isinstance(node, ast.Assign):
+            for t in node.targets:
+                names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+        elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
+            names.append(node.target.id)
+        elif isinstance(node, ast.Try):  # optional imports: `try: import zstandard except ImportError: ...`
+            for sub in ast.walk(node):
+                if isinstance(sub, (ast.Import, ast.ImportFrom)):
+                    names += [(a.asname or a.name).split(".")[0] for a in sub.names]
+                elif isinstance(sub, ast.Assign):
+                    names += [n.id for t in sub.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+    return names
+
+
+class _Imports:
+    """Merged stdlib/third-party imports: `import a.b as c` and `from m import x as y`."""
+
+    def __init__(self):
+        self.plain: dict[str, str] = {}        # bound name -> statement
+        self.froms: dict[str, dict[str, str]] = {}  # module -> {bound name: imported name}
+        self.bound: dict[str, str] = {}        # bound name -> what it means
+
+    def _bind(self, name: str, meaning: str, where: str) -> None:
+        old = self.bound.setdefault(name, meaning)
+        if old != meaning:
+            raise BundleError(f"{where}: import name {name!r} means {meaning}, elsewhere {old}")
+
+    def add(self, node, where: str) -> None:
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                bound = a.asname or a.name.split(".")[0]
+                stmt = f"import {a.name}" + (f" as {a.asname}" if a.asname else "")
+                self._bind(bound, f"module {a.name}" if a.asname else f"module {bound}", where)
+                self.plain.setdefault(stmt, stmt)
+        else:
+            for a in node.names:
+                bound = a.asname or a.name
+                self._bind(bound, f"{node.module}.{a.name}", where)
+                self.froms.setdefault(node.module, {})[bound] = a.name
+
+    def lines(self) -> list[str]:
+        def group(mod: str) -> int:
+            return 0 if mod.split(".")[0] in sys.stdlib_module_names else 1
+
+        out = []
+        for g in (0, 1):
+            plain = sorted(s for s in self.plain if group(s.split()[1]) == g)
+            froms = []
+            for mod in sorted(m for m in self.froms if group(m) == g):
+                items = sorted(f"{orig} as {b}" if b != orig else b for b, orig in self.froms[mod].items())
+                froms.append(f"from {mod} import {', '.join(items)}")
+            if plain or froms:
+                out += plain + froms + [""]
+        return out
+
+
+def _lazy_replacement(node: ast.ImportFrom, included: set[str], indent: str) -> list[str]:
+    if node.module in included:
+        aliases = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
+        return [indent + s for s in aliases] or [indent + "pass  # bundled: " + node.module + " is above"]
+    return [indent + f"raise ImportError({(node.module + ' is not part of this bundled train_gpt.py (it bundles the default hybrid run); run the package checkout for this feature')!r})"]
+
+
+def _module_body(module: str, text: str, tree: ast.Module, included: set[str], imports: _Imports,
+                 keep_docstring: bool) -> list[str]:
+    lines = text.splitlines()
+    drop: set[int] = set()           # 0-based line numbers removed
+    replace: dict[int, list[str]] = {}  # 0-based first line -> replacement lines
+    body = tree.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(getattr(body[0], "value", None), ast.Constant) \
+            and isinstance(body[0].value.value, str) and not keep_docstring:
+        drop.update(range(body[0].lineno - 1, body[0].end_lineno))
+    for node in body:
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+                pass
+            elif not (isinstance(node, ast.ImportFrom) and _is_project(node.module)):
+                imports.add(node, module)
+            drop.update(range(node.lineno - 1, node.end_lineno))
+        if isinstance(node, ast.If) and module != ENTRY and "__name__" in ast.unparse(node.test):
+            raise BundleError(f"{module}: library module has an `if __name__` block; it cannot be bundled")
+    for node in _project_imports(tree, module)[1]:
+        first = lines[node.lineno - 1]
+        indent = first[:len(first) - len(first.lstrip())]
+        drop.update(range(node.lineno - 1, node.end_lineno))
+        replace[node.lineno - 1] = _lazy_replacement(node, included, indent)
+    out = []
+    for i, line in enumerate(lines):
+        if i in replace:
+            out += replace[i]
+        if i not in drop:
+            out.append(line.rstrip())
+    while out and not out[0].strip():
+        out.pop(0)
+    while out and not out[-1].strip():
+        out.pop()
+    return out
+
+
+def bundle_source(root: Path = REPO) -> str:
+    """The readable single-file trainer (str, ends with a newline)."""
+    root = Path(root)
+    modules = collect_modules(root)
+    included = set(modules)
+    imports = _Imports()
+    owners: dict[str, str] = {}
+    parts: list[tuple[str, list[str]]] = []
+    entry_doc = ""
+    for module in modules + [ENTRY]:
+        path = root / ENTRY if module == ENTRY else _module_path(root, module)
+        text, tree = _parse(path)
+        for name in _defined_names(tree):
+            if name in owners and owners[name] != module:
+                raise BundleError(f"top-level name {name!r} is defined in both {owners[name]} and {module}; "
+                                  f"rename one (docs/DESIGN.md: top-level names are unique)")
+            owners[name] = module
+        if module == ENTRY:
+            entry_doc = ast.get_docstring(tree, clean=False) or ""
+        parts.append((module, _module_body(module, text, tree, included, imports, keep_docstring=False)))
+    for name, what in imports.bound.items():
+        if name in owners:
+            raise BundleError(f"top-level name {name!r} of {owners[name]} shadows the import of {what}")
+    out = ['"""' + entry_doc + '"""' if entry_doc else '"""Parameter golf trainer (bundled)."""']
+    out += [f"# Bundled by `python -m records bundle` from train_gpt.py and {len(modules)} modules: "
+            + ", ".join(modules) + ".",
+            "# Edit the package checkout, not this file.",
+            "from __future__ import annotations", ""]
+    out += imports.lines()
+    for module, body in parts:
+        label = ENTRY if module == ENTRY else module.replace(".", "/") + ".py"
+        out += ["", f"# {'=' * 30} {label} {'=' * max(3, 60 - len(label))}", ""] + body + [""]
+    while out[-1] == "":
+        out.pop()
+    return "\n".join(out) + "\n"
+
+
+def pack_source(source: str, method: str = "lzma") -> str:
+    """A self-extracting stub that execs `source` (lzma: raw LZMA2 stream; brotli: quality 11)."""
+    data = source.encode("utf-8")
+    if method == "lzma":
+        blob = lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+        head = "import lzma as _z,base64 as _b\n"
+        call = '_z.decompress(_b.b85decode(_s),format=_z.FORMAT_RAW,filters=[{"id":_z.FILTER_LZMA2}])'
+    elif method == "brotli":
+        import brotli
+
+        blob = brotli.compress(data, quality=11)
+        head = "import brotli as _z,base64 as _b\n"
+        call = "_z.decompress(_b.b85decode(_s))"
+    else:
+        raise BundleError(f"unknown pack method {method!r}; choose lzma or brotli")
+    enc = base64.b85encode(blob).decode("ascii")
+    return f'{head}_s="{enc}"\nexec(compile({call},__file__,"exec"))\n'
+
+
+def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO) -> dict:
+    """Write out_dir/train_gpt.py (packed stub, or the readable source for pack='none') and, when
+    packed, out_dir/train_gpt_readable.py. Returns sizes and line counts."""
+    if pack not in PACKERS:
+        raise BundleError(f"unknown --pack {pack!r}; choose one of {PACKERS}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    source = bundle_source(root)
+    compile(source, ENTRY, "exec")  # a syntax error here is a bundler bug: fail before writing
+    readable = out_dir / (ENTRY if pack == "none" else READABLE_NAME)
+    readable.write_text(source, encoding="utf-8")
+    info = {"readable": str(readable), "readable_lines": source.count("\n"),
+            "readable_bytes": len(source.encode("utf-8")), "modules": collect_modules(root)}
+    if pack != "none":
+        packed = pack_source(source, pack)
+        (out_dir / ENTRY).write_text(packed, encoding="utf-8")
+        info.update(packed=str(out_dir / ENTRY), packed_bytes=len(packed.encode("utf-8")),
+                    packed_lines=packed.count("\n"))
+    return info

@@ -1,0 +1,100 @@
+"""Parse the trainer's logs (logs/<run_id>.txt): hyperparameters, curves and final numbers.
+
+Only lines that start with a known key are read (`hparam:`, `step:N/M train_loss:`, `step:N/M
+val_loss:`, `final_prequant`, `artifact_bytes:`, `final_int{bits}_{compressor}_roundtrip_exact`), so
+the source code the log starts with (indented f-strings) never matches.
+"""
+from __future__ import annotations
+
+import ast
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HPARAM = re.compile(r"^hparam:(\w+)=(.*)$")
+_MODEL_CONFIG = re.compile(r"^model_config:(\{.*\})$")
+_TRAIN = re.compile(r"^step:(\d+)/(\d+) train_loss:(\S+) train_time:(\d+)ms")
+_VAL = re.compile(r"^step:(\d+)/(\d+) val_loss:(\S+) val_bpb:(\S+) .*train_time:(\d+)ms")
+_PRE = re.compile(r"^final_prequant eval:(\S+) val_loss:(\S+) val_bpb:(\S+)")
+_BYTES = re.compile(r"^artifact_bytes:(\d+) code_bytes:(\d+) model_bytes:(\d+)")
+_FINAL = re.compile(r"^final_int(\d+)_(\w+?)_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
+_FINAL_MODE = re.compile(r"^final_int\d+_\w+?_roundtrip eval:(\S+) ")
+_STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)")
+
+
+class LogError(ValueError):
+    pass
+
+
+@dataclass
+class RunLog:
+    path: Path
+    hparams: dict = field(default_factory=dict)
+    model_config: dict = field(default_factory=dict)
+    train: list = field(default_factory=list)   # (step, loss, train_ms)
+    val: list = field(default_factory=list)     # (step, val_loss, val_bpb, train_ms)
+    pre_val_loss: float | None = None
+    pre_val_bpb: float | None = None
+    eval_mode: str = ""
+    bits: int | None = None
+    compressor: str = ""
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    artifact_bytes: int | None = None
+    code_bytes: int | None = None
+    model_bytes: int | None = None
+    stopped_early: bool = False
+
+    @property
+    def seed(self) -> int:
+        return int(self.hparams.get("seed", 0))
+
+    @property
+    def steps(self) -> int:
+        return self.val[-1][0] if self.val else (self.train[-1][0] if self.train else 0)
+
+    @property
+    def train_seconds(self) -> float:
+        times = [t for *_, t in self.train] + [t for *_, t in self.val]
+        return max(times) / 1000.0 if times else 0.0
+
+    @property
+    def final_line(self) -> str:
+        return (f"final_int{self.bits}_{self.compressor}_roundtrip_exact val_loss:{self.val_loss:.8f} "
+                f"val_bpb:{self.val_bpb:.8f}")
+
+
+def parse_log(path) -> RunLog:
+    """A finished run's log; LogError (naming the file) if the final round-trip line is missing."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError as exc:
+        raise LogError(f"{path}: cannot read: {exc}") from None
+    r = RunLog(path)
+    for line in text.splitlines():
+        if m := _HPARAM.match(line):
+            try:
+                r.hparams[m.group(1)] = ast.literal_eval(m.group(2))
+            except (ValueError, SyntaxError):
+                r.hparams[m.group(1)] = m.group(2)
+        elif m := _MODEL_CONFIG.match(line):
+            r.model_config = ast.literal_eval(m.group(1))
+        elif m := _TRAIN.match(line):
+            r.train.append((int(m.group(1)), float(m.group(3)), float(m.group(4))))
+        elif m := _VAL.match(line):
+            r.val.append((int(m.group(1)), float(m.group(3)), float(m.group(4)), float(m.group(5))))
+        elif m := _PRE.match(line):
+            r.eval_mode, r.pre_val_loss, r.pre_val_bpb = m.group(1), float(m.group(2)), float(m.group(3))
+        elif m := _BYTES.match(line):
+            r.artifact_bytes, r.code_bytes, r.model_bytes = map(int, m.groups())
+        elif m := _FINAL.match(line):
+            r.bits, r.compressor = int(m.group(1)), m.group(2)
+            r.val_loss, r.val_bpb = float(m.group(3)), float(m.group(4))
+        elif m := _FINAL_MODE.match(line):
+            r.eval_mode = m.group(1)
+        elif _STOP.match(line):
+            r.stopped_early = True
+    if r.val_bpb is None:
+        raise LogError(f"{path}: no `final_int*_roundtrip_exact` line: not a finished train_gpt.py run log")
+    return r

@@ -1,0 +1,173 @@
+"""`python -m records verify FOLDER`: recompute a record folder's two numbers from its files.
+
+Checks, each a line of the report; any failure makes the exit status non-zero:
+1. bytes: code = size of FOLDER/train_gpt.py, model = size of FOLDER/final_model.ptz; their sum is at
+   most 16,000,000 and equals submission.json's bytes_code / bytes_total;
+2. the artifact is read with the pickle-free reader of quant/artifact.py (file and decompressed
+   sizes bounded, every field validated; a malformed or hostile file is a clean ArtifactError) and
+   loaded strictly into a fresh model built from config.json's model_config;
+3. val_bpb re-evaluated on the validation shards (DATA_PATH or --data-path; the tokenizer from
+   TOKENIZER_PATH or --tokenizer-path) with the evaluation recorded in config.json (seq_len, stride,
+   val_max_tokens, batch); compared with the artifact's log line and submission.json's per-seed value
+   at a relative tolerance (1e-6: the logs print 8 decimals);
+4. submission.json's val_loss/val_bpb equal the mean of the logs' final lines;
+5. every log's training time is at most --max-train-seconds (600 for the 10min track).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+ARTIFACT_NAME = "final_model.ptz"
+CONFIG_NAME = "config.json"
+SUBMISSION_NAME = "submission.json"
+MAX_RAW_BYTES = 1 << 30  # decompressed artifact bound: no 16 MB record needs more
+
+
+class VerifyError(RuntimeError):
+    pass
+
+
+def load_artifact_state(path, max_file_bytes: int, max_raw_bytes: int = MAX_RAW_BYTES) -> dict:
+    """{name: tensor} from an artifact file; ArtifactError naming the file on any problem."""
+    from quant.artifact import read_artifact, unpack_model
+
+    blob = read_artifact(path, max_bytes=max_file_bytes)
+    return unpack_model(blob, source=str(path), max_raw_bytes=max_raw_bytes)
+
+
+def build_model(model_config: dict, state: dict | None = None, source: str = "artifact"):
+    from hybrid.config import ModelConfig
+    from hybrid.model import HybridGPT
+
+    model = HybridGPT(ModelConfig(**model_config))
+    if state is not None:
+        try:
+            model.load_state_dict(state, strict=True)
+        except RuntimeError as exc:
+            raise VerifyError(f"{source}: does not fit the recorded model config: {exc}") from None
+    return model.eval()
+
+
+def evaluate_model(model, eval_cfg: dict, data_path: str, tokenizer_path: str, val_max_tokens: int | None = None):
+    """EvalResult of `model` exactly as the trainer's final round-trip evaluation."""
+    import torch
+
+    from data.bpb import build_byte_luts, load_tokenizer
+    from data.shards import load_validation_tokens
+    from hybrid.evaluate import evaluate
+
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    model = model.to(device)
+    max_tokens = eval_cfg["val_max_tokens"] if val_max_tokens is None else val_max_tokens
+    sp = load_tokenizer(tokenizer_path, eval_cfg["vocab_size"])
+    luts = build_byte_luts(sp, eval_cfg["vocab_size"], device)
+    tokens = load_validation_tokens(os.path.join(data_path, "fineweb_val_*.bin"), eval_cfg["seq_len"], max_tokens)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    return evaluate(model.forward_logits, tokens, eval_cfg["seq_len"], eval_cfg["stride"], luts,
+                    eval_cfg["batch_seqs"], device, 0, 1, autocast)
+
+
+def eval_config(hparams: dict, model_config: dict) -> dict:
+    seq_len = int(hparams["train_seq_len"])
+    stride = min(int(hparams["eval_stride"]), seq_len)
+    return {"seq_len": seq_len, "stride": stride, "val_max_tokens": int(hparams.get("val_max_tokens", 0)),
+            "batch_seqs": int(hparams.get("eval_batch_seqs", 32)), "vocab_size": int(model_config["vocab_size"]),
+            "mode": f"sliding_stride{stride}" if stride < seq_len else "non_overlapping"}
+
+
+def _close(a: float, b: float, rel: float) -> bool:
+    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+
+
+def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | None = None,
+                  val_max_tokens: int | None = None, max_train_seconds: float | None = None,
+                  rel_tol: float = 1e-6, evaluate_val: bool = True, echo=print) -> list[str]:
+    """Run every check, echo one line each; returns the failures (empty = verified)."""
+    from quant.artifact import ArtifactError
+    from quant.budget import ARTIFACT_LIMIT
+    from records.logs import LogError, parse_log
+
+    folder = Path(folder)
+    failures: list[str] = []
+
+    def check(ok: bool, msg: str) -> bool:
+        echo(("ok    " if ok else "FAIL  ") + msg)
+        if not ok:
+            failures.append(msg)
+        return ok
+
+    try:
+        sub = json.loads((folder / SUBMISSION_NAME).read_text(encoding="utf-8"))
+        cfg = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        check(False, f"{folder}: cannot read {SUBMISSION_NAME}/{CONFIG_NAME}: {exc}")
+        return failures
+    script, artifact = folder / "train_gpt.py", folder / cfg.get("artifact", ARTIFACT_NAME)
+    for p in (script, artifact):
+        if not p.is_file():
+            check(False, f"{p}: missing")
+            return failures
+    code, model_bytes = script.stat().st_size, artifact.stat().st_size
+    total = code + model_bytes
+    check(total <= ARTIFACT_LIMIT, f"bytes: code {code} + model {model_bytes} = {total} <= {ARTIFACT_LIMIT}")
+    check(sub.get("bytes_code") == code, f"bytes_code: submission.json {sub.get('bytes_code')} vs file {code}")
+    check(sub.get("bytes_total") == total, f"bytes_total: submission.json {sub.get('bytes_total')} vs files {total}")
+
+    logs = []
+    for name in cfg.get("logs", []):
+        try:
+            logs.append(parse_log(folder / name))
+        except LogError as exc:
+            check(False, str(exc))
+    if not check(bool(logs), f"logs: {len(logs)} parsed ({', '.join(cfg.get('logs', [])) or 'none listed'})"):
+        return failures
+    mean_loss = sum(r.val_loss for r in logs) / len(logs)
+    mean_bpb = sum(r.val_bpb for r in logs) / len(logs)
+    check(_close(sub.get("val_bpb", math.nan), mean_bpb, rel_tol),
+          f"val_bpb: submission.json {sub.get('val_bpb')} vs mean of logs {mean_bpb:.8f}")
+    check(_close(sub.get("val_loss", math.nan), mean_loss, rel_tol),
+          f"val_loss: submission.json {sub.get('val_loss')} vs mean of logs {mean_loss:.8f}")
+    if max_train_seconds is None:
+        max_train_seconds = 600.0 if sub.get("track", "10min_16mb") == "10min_16mb" else 0.0
+    if max_train_seconds > 0:
+        for r in logs:
+            check(r.train_seconds <= max_train_seconds,
+                  f"train_time: {r.path.name} {r.train_seconds:.1f}s <= {max_train_seconds:.0f}s")
+
+    try:
+        state = load_artifact_state(artifact, max_file_bytes=ARTIFACT_LIMIT)
+        model = build_model(cfg["model_config"], state, source=str(artifact))
+    except (ArtifactError, VerifyError) as exc:
+        check(False, f"artifact: {exc}")
+        return failures
+    check(True, f"artifact: {artifact.name} read without pickle, {len(state)} tensors load strictly")
+    if not evaluate_val:
+        return failures
+    data_path = data_path or os.environ.get("DATA_PATH") or cfg["hparams"]["data_path"]
+    tokenizer_path = tokenizer_path or os.environ.get("TOKENIZER_PATH") or cfg["hparams"]["tokenizer_path"]
+    ecfg = cfg["eval"]
+    partial = val_max_tokens is not None and val_max_tokens != ecfg["val_max_tokens"]
+    try:
+        res = evaluate_model(model, ecfg, data_path, tokenizer_path, val_max_tokens)
+    except (OSError, ValueError) as exc:
+        check(False, f"evaluation: {exc}")
+        return failures
+    echo(f"re-evaluated eval:{ecfg['mode']} val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f} "
+         f"tokens:{res.tokens} bytes:{res.bytes}")
+    if partial:
+        echo(f"note  --val-max-tokens {val_max_tokens} differs from the run's {ecfg['val_max_tokens']}: "
+             f"partial evaluation, not compared with the logs")
+        return failures
+    seed = str(cfg.get("artifact_seed"))
+    art_log = next((r for r in logs if str(r.seed) == seed), logs[0])
+    check(_close(res.val_bpb, art_log.val_bpb, rel_tol),
+          f"val_bpb: re-evaluated {res.val_bpb:.8f} vs {art_log.path.name} {art_log.val_bpb:.8f} (rel tol {rel_tol:g})")
+    check(_close(res.val_loss, art_log.val_loss, rel_tol),
+          f"val_loss: re-evaluated {res.val_loss:.8f} vs {art_log.path.name} {art_log.val_loss:.8f}")
+    per_seed = sub.get("seed_results", {}).get(seed, {})
+    check(_close(res.val_bpb, per_seed.get("val_bpb", math.nan), rel_tol),
+          f"val_bpb: re-evaluated {res.val_bpb:.8f} vs submission.json seed_results[{seed}] {per_seed.get('val_bpb')}")
+    return failures

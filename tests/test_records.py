@@ -1,0 +1,168 @@
+"""records/: record folders (new, verify), the significance rule (compare) and linear merges."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from records.__main__ import main as records_main
+from records.folder import new_record
+from records.logs import parse_log
+from records.merge import MergeError, merge_checkpoints, save_merged
+from records.stats import betainc_reg, compare_losses, t_cdf_own
+from records.verify import verify_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, sample_corpus):
+    """Two 3-step tiny runs (seeds 1, 2) with a checkpoint each: (dir, env)."""
+    data_dir, tokenizer = sample_corpus
+    d = tmp_path_factory.mktemp("runs")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(OMP_NUM_THREADS="1", PRESET="tiny", ITERATIONS="3", DATA_PATH=str(data_dir),
+               TOKENIZER_PATH=str(tokenizer), CHECKPOINT_EVERY="3", LOG_DIR=str(d))
+    for seed in (1, 2):
+        p = subprocess.run([sys.executable, "train_gpt.py"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                           env=dict(env, SEED=str(seed), RUN_ID=f"s{seed}", CHECKPOINT_DIR=str(d / f"ck{seed}")))
+        assert p.returncode == 0, p.stderr[-3000:]
+    return d, env
+
+
+# --- statistics ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("t,df,expected", [
+    (1.0, 1, 0.75),  # Cauchy: 1/2 + atan(1)/pi
+    (2.0, 5, 0.9490302605850708),
+    (-2.5, 10, 0.01572342211830441),
+    (0.5, 3.3, 0.6757324618002207),
+    (3.1, 2.5, 0.9661058108375399),
+    (-1.2, 40, 0.11859931205730517),
+    (0.0, 7, 0.5),
+])
+def test_student_t_cdf_known_values(t, df, expected):
+    assert t_cdf_own(t, df) == pytest.approx(expected, rel=1e-10, abs=1e-13)
+
+
+def test_incomplete_beta_identities():
+    assert betainc_reg(1.0, 1.0, 0.3) == pytest.approx(0.3)          # uniform
+    assert betainc_reg(2.0, 3.0, 0.4) == pytest.approx(1 - betainc_reg(3.0, 2.0, 0.6))
+    with pytest.raises(ValueError):
+        betainc_reg(1.0, 1.0, 1.5)
+
+
+def test_significance_rule():
+    base = [2.0700, 2.0710, 2.0705]
+    good = [2.0600, 2.0605, 2.0598]      # ~0.0104 nats better, tight
+    small = [2.0670, 2.0672, 2.0668]     # 0.0035 better: below the 0.005 margin
+    c = compare_losses(good, base)
+    assert c.significant and c.p < 0.01 and c.delta > 0.005
+    assert c.df > 0 and math.isfinite(c.t)
+    assert not compare_losses(small, base).significant
+    assert any("Welch" in line and "p=" in line for line in c.lines())
+    # Welch numbers by hand: t = (delta - 0.005) / sqrt(vn/n + vb/n)
+    vn = sum((x - sum(good) / 3) ** 2 for x in good) / 2
+    vb = sum((x - sum(base) / 3) ** 2 for x in base) / 2
+    assert c.t == pytest.approx((c.delta - 0.005) / math.sqrt(vn / 3 + vb / 3))
+    assert compare_losses(good, base, cdf=t_cdf_own).p == pytest.approx(c.p, rel=1e-8, abs=1e-14)
+
+
+# --- record folders -----------------------------------------------------------------------------
+
+def test_new_and_verify(tiny_runs, tmp_path, capsys):
+    d, env = tiny_runs
+    folder = new_record("Tiny_Test", [d / "s1.txt", d / "s2.txt"], d / "s1.ptz", author="A", github_id="g",
+                        blurb="tiny CPU run", date="2026-01-02", records_dir=tmp_path)
+    assert folder == tmp_path / "track_10min_16mb" / "2026-01-02_Tiny_Test"
+    names = {p.name for p in folder.iterdir()}
+    assert {"README.md", "submission.json", "train_gpt.py", "train_gpt_readable.py", "train_seed1.log",
+            "train_seed2.log", "requirements.txt", "final_model.ptz", "config.json"} <= names
+    sub = json.loads((folder / "submission.json").read_text())
+    for key in ("author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code",
+                "track", "seeds", "pre_quant_val_bpb", "step_stop", "wallclock_seconds", "bytes_model_int6_zlib"):
+        assert key in sub, key
+    runs = [parse_log(d / "s1.txt"), parse_log(d / "s2.txt")]
+    assert sub["val_bpb"] == pytest.approx((runs[0].val_bpb + runs[1].val_bpb) / 2, abs=1e-8)
+    assert sub["bytes_total"] == sub["bytes_code"] + (folder / "final_model.ptz").stat().st_size
+    assert sub["step_stop"] == 3 and sub["seeds"] == [1, 2]
+    readme = (folder / "README.md").read_text()
+    assert "| 1 |" in readme and "| 2 |" in readme
+    try:
+        import matplotlib  # noqa: F401
+        assert (folder / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    except ImportError:
+        pass
+
+    assert verify_folder(folder, env["DATA_PATH"], env["TOKENIZER_PATH"], echo=lambda s: None) == []
+    assert records_main(["verify", str(folder), "--data-path", env["DATA_PATH"],
+                         "--tokenizer-path", env["TOKENIZER_PATH"]]) == 0
+    # the wallclock cap
+    assert records_main(["verify", str(folder), "--no-eval", "--max-train-seconds", "0.001"]) == 1
+
+    # tampered claims: verify names the mismatch and exits non-zero
+    sub["val_bpb"] = sub["val_bpb"] - 0.01
+    (folder / "submission.json").write_text(json.dumps(sub))
+    capsys.readouterr()
+    assert records_main(["verify", str(folder), "--data-path", env["DATA_PATH"],
+                         "--tokenizer-path", env["TOKENIZER_PATH"]]) == 1
+    assert "val_bpb: submission.json" in capsys.readouterr().err
+
+    # a corrupted artifact is a clean failure naming the file
+    blob = (folder / "final_model.ptz").read_bytes()
+    (folder / "final_model.ptz").write_bytes(blob[: len(blob) // 2])
+    fails = verify_folder(folder, env["DATA_PATH"], env["TOKENIZER_PATH"], echo=lambda s: None)
+    assert any("final_model.ptz" in f and "artifact" in f for f in fails)
+
+    # compare: a folder against logs; identical runs are not a significant improvement (exit 1)
+    assert records_main(["compare", str(folder), f"{d / 's1.txt'},{d / 's2.txt'}"]) == 1
+    assert "one-sided Welch t-test" in capsys.readouterr().out
+
+
+# --- merge --------------------------------------------------------------------------------------
+
+def test_merge_identity_weights_and_mismatch(tiny_runs, tmp_path):
+    d, _ = tiny_runs
+    a = d / "ck1" / "latest.pt"
+    merged = merge_checkpoints([a, a], [0.3, 0.7])
+    src = torch.load(a, weights_only=True)
+    for k, t in src["model"].items():
+        assert torch.equal(merged["model"][k], t), k
+    for k, t in src["ema"].items():
+        assert torch.equal(merged["ema"][k], t), k
+    out = save_merged(merged, tmp_path / "m.pt")
+    # loadable by the trainer's RESUME path and strict into the model
+    from hybrid.checkpoint import load_checkpoint
+    from hybrid.model import HybridGPT
+    from train_gpt import Hyperparameters
+
+    state = load_checkpoint(out)
+    HybridGPT(Hyperparameters(**state["hparams"]).model_config()).load_state_dict(state["model"], strict=True)
+
+    with pytest.raises(MergeError, match="sum to"):
+        merge_checkpoints([a, d / "ck2" / "latest.pt"], [0.7, 0.4])
+    m = merge_checkpoints([a, d / "ck2" / "latest.pt"], [0.7, 0.4], normalize=False)
+    b = torch.load(d / "ck2" / "latest.pt", weights_only=True)
+    k = next(k for k, t in src["model"].items() if t.is_floating_point())
+    assert torch.allclose(m["model"][k], 0.7 * src["model"][k] + 0.4 * b["model"][k], atol=1e-6)
+
+    bad = dict(b, model=dict(b["model"]))
+    bad["model"][k] = torch.zeros(3, 5)
+    torch.save(bad, tmp_path / "bad.pt")
+    with pytest.raises(MergeError, match=k.replace(".", r"\.")):
+        merge_checkpoints([a, tmp_path / "bad.pt"], [0.5, 0.5])
+    other = dict(b, hparams=dict(b["hparams"], model_dim=96))
+    torch.save(other, tmp_path / "other.pt")
+    with pytest.raises(MergeError, match="model_dim"):
+        merge_checkpoints([a, tmp_path / "other.pt"], [0.5, 0.5])
+    # CLI: merge + pack
+    assert records_main(["merge", str(a), str(a), "--weights", "0.5", "0.5", "--out", str(tmp_path / "c.pt"),
+                         "--pack", str(tmp_path / "c.ptz")]) == 0
+    assert (tmp_path / "c.ptz").stat().st_size > 0
+    assert records_main(["merge", str(a), str(a), "--weights", "0.5", "0.6", "--out", str(tmp_path / "x.pt")]) == 2
