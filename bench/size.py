@@ -5,8 +5,7 @@
 
 Loads the checkpoint's EMA weights (the ones a run exports; the live weights if it has no EMA),
 packs them exactly as the trainer does for each compressor, and prints model bytes, bytes per
-parameter, and the artifact total with the code bytes of a default run (train_gpt.py plus the
-modules it imports).
+parameter, and the artifact total with the code bytes a run counts (the lzma bundle).
 """
 from __future__ import annotations
 
@@ -19,7 +18,7 @@ import train_gpt
 from hybrid.checkpoint import load_checkpoint
 from hybrid.model import HybridGPT
 from quant.artifact import artifact_breakdown, pack_model
-from quant.budget import ARTIFACT_LIMIT, code_bytes, loaded_source_files
+from quant.budget import ARTIFACT_LIMIT
 from quant.codec import available_compressors
 from quant.policy import make_precision_fn
 
@@ -40,7 +39,7 @@ def main() -> None:
     precision_fn = make_precision_fn(h.matrix_bits, h.embed_bits)
     sd = model.state_dict()
     params = sum(p.numel() for p in model.parameters())
-    code = code_bytes(loaded_source_files(train_gpt.ROOT))
+    code = train_gpt.counted_code_bytes(lambda *a, **k: None)  # the lzma bundle, as a run counts it
     print(f"checkpoint:{args.checkpoint} step:{state['step']} arch:{h.arch} params:{params} "
           f"matrix_bits:{h.matrix_bits} embed_bits:{h.embed_bits} code_bytes:{code}")
     for group, stats in artifact_breakdown(sd, precision_fn).items():
