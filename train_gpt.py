@@ -649,7 +649,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     mode = f"sliding_stride{stride}" if stride < h.train_seq_len else "non_overlapping"
     results = {"steps": step, "train_ms": train_ms}
     if h.eval_prequant:
-        pre = validate("final_prequant", stride, model.forward_logits)
+        pre = validate("final_prequant", stride)  # the compiled forward_logits on GPUs; EMA weights are in place
         log(f"final_prequant eval:{mode} {pre.log_fields()}")
         results["prequant"] = pre
 
