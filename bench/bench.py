@@ -27,6 +27,8 @@ from train_gpt import Runtime, resolve_hyperparameters, train
 
 # Small enough for 2 CPU cores; same width and heads for both architectures.
 CPU_SHAPE = dict(model_dim=128, num_heads=4, num_kv_heads=2)
+# The golf MoE's experts scaled to the CPU width (its defaults are sized for 512).
+EXTRA_SHAPE = {"moe": dict(moe_expert_hidden=64, moe_shared_hidden=96)}
 CPU_TRAIN = dict(preset="smoke", train_seq_len=256, train_batch_tokens=8192, grad_accum_base=1)
 
 
@@ -91,7 +93,10 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=180.0, help="training wallclock per architecture")
     ap.add_argument("--quick", action="store_true", help="fewer throughput steps")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--archs", default="hybrid,gpt", help="comma list from hybrid,gpt,rwkv7,moe "
+                    "(hybrid and gpt always run: they are the controls)")
     args = ap.parse_args()
+    extra = [a for a in args.archs.split(",") if a and a not in ("hybrid", "gpt")]
     device = torch.device(args.device)
     hybrid_cfg = ModelConfig(**dict(ARCH_DEFAULTS["hybrid"], **CPU_SHAPE, attn_window=64))
     gpt_layers, hybrid_params = matched_gpt_layers(hybrid_cfg, CPU_SHAPE)
@@ -99,12 +104,18 @@ def main() -> None:
     gpt_params = param_count(ModelConfig(**dict(ARCH_DEFAULTS["gpt"], **gpt_shape)))
     print(f"params hybrid:{hybrid_params} gpt:{gpt_params} (gpt layers:{gpt_layers})")
     steps = 3 if args.quick else 8
+    runs = [("hybrid", dict(CPU_SHAPE, attn_window=64)), ("gpt", gpt_shape)]
+    runs += [(arch, dict(CPU_SHAPE, **EXTRA_SHAPE.get(arch, {}))) for arch in extra]
+    for arch, shape in runs[2:]:
+        cfg = resolve_hyperparameters(["--arch", arch] + [f"--{k.replace('_', '-')}={v}" for k, v in shape.items()],
+                                      env={}).model_config()
+        print(f"params {arch}:{param_count(cfg)} pattern:{cfg.layer_pattern}")
     tps = {}
-    for arch, shape in (("hybrid", dict(CPU_SHAPE, attn_window=64)), ("gpt", gpt_shape)):
+    for arch, shape in runs:
         tps[arch] = throughput(arch, shape, device, steps, 2, 16, 256)
         print(f"throughput arch:{arch} tokens_per_s:{tps[arch]:.0f}")
     q = {}
-    for arch, shape in (("hybrid", {}), ("gpt", gpt_shape)):
+    for arch, shape in [("hybrid", {}), ("gpt", gpt_shape)] + [(a, sh) for a, sh in runs[2:]]:
         overrides = dict(CPU_TRAIN, **shape)
         if arch == "gpt":  # same export precision as the hybrid, so bytes/param compare like for like
             overrides.update(matrix_bits=6, eval_stride=64)
@@ -115,6 +126,11 @@ def main() -> None:
     print(f"ratio roundtrip_bpb hybrid/gpt at {args.seconds:.0f}s: "
           f"{q['hybrid']['roundtrip_bpb'] / q['gpt']['roundtrip_bpb']:.4f} "
           f"(delta {q['hybrid']['roundtrip_bpb'] - q['gpt']['roundtrip_bpb']:+.4f})")
+    for arch in extra:
+        print(f"ratio {arch}/hybrid tokens_per_s:{tps[arch] / tps['hybrid']:.3f} "
+              f"roundtrip_bpb:{q[arch]['roundtrip_bpb'] / q['hybrid']['roundtrip_bpb']:.4f}; "
+              f"{arch}/gpt tokens_per_s:{tps[arch] / tps['gpt']:.3f} "
+              f"roundtrip_bpb:{q[arch]['roundtrip_bpb'] / q['gpt']['roundtrip_bpb']:.4f}")
 
 
 if __name__ == "__main__":
