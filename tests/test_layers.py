@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
+from conftest import randomize_
 from hybrid.attention import _window_block_mask, attention, attention_ref, causal_band_mask, flex_window_attention
 from hybrid.layers import (
     MLP,
@@ -31,15 +32,6 @@ from hybrid.layers import (
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def randomize_(module: torch.nn.Module, std: float = 0.3, seed: int = 0) -> torch.nn.Module:
-    """Give every parameter (zero-init projections included) random values, so no path is trivially off."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return module
 
 
 def qkv(B, T, H, G, D, dtype=torch.float32, seed=0, grad=False):

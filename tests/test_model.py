@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import randomize_
 from hybrid.config import ARCH_DEFAULTS, ModelConfig, parse_layer_pattern
 from hybrid.layers import CastedLinear, CausalAttention, TokenShiftMix
 from hybrid.model import HybridGPT, count_params
@@ -35,14 +36,6 @@ def tiny_gpt_cfg(**kw) -> ModelConfig:
     base = {**ARCH_DEFAULTS["gpt"], "vocab_size": 96, "num_layers": 5, "model_dim": 64, "num_heads": 4,
             "num_kv_heads": 2, "layer_pattern": "FFFFF"}
     return ModelConfig(**{**base, **kw})
-
-
-def randomize_(model: torch.nn.Module, std: float = 0.2, seed: int = 0) -> torch.nn.Module:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return model
 
 
 def expected_params(cfg: ModelConfig) -> int:
@@ -147,7 +140,7 @@ def test_model_causality(make_cfg):
     """Changing token t never changes the logits at positions < t (windowed layers, bigram, smear, VE,
     U-Net skips included), and does change the logits at t."""
     torch.manual_seed(0)
-    model = randomize_(HybridGPT(make_cfg()))
+    model = randomize_(HybridGPT(make_cfg()), std=0.2)
     T = 24
     ids = torch.randint(2, 96, (2, T))
     base = model.forward_logits(ids)
@@ -191,7 +184,7 @@ def test_overfits_one_batch(make_cfg):
 
 
 def test_every_parameter_gets_a_gradient():
-    model = randomize_(HybridGPT(tiny_cfg()))
+    model = randomize_(HybridGPT(tiny_cfg()), std=0.2)
     ids = torch.randint(0, 96, (2, 16))
     model(ids, torch.roll(ids, -1, 1)).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
@@ -248,7 +241,7 @@ def test_gpt_init_is_pytorch_default_with_zero_outputs():
 def test_compiles_fullgraph_and_matches_eager():
     """No graph breaks (fullgraph=True, dynamic=False); aot_eager keeps the CPU test fast."""
     torch.manual_seed(0)
-    model = randomize_(HybridGPT(tiny_cfg()))
+    model = randomize_(HybridGPT(tiny_cfg()), std=0.2)
     ids = torch.randint(0, 96, (2, 16))
     tgt = torch.roll(ids, -1, 1)
     eager = model(ids, tgt)
