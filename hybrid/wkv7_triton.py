@@ -44,6 +44,13 @@ except ImportError:  # pragma: no cover - depends on the machine
 if TRITON_AVAILABLE:
 
     @triton.jit
+    def _wkv7_state_step(S, wt, kt, vt, at, bt):
+        """One WKV-7 update of the [N values, N keys] state: S·diag(e^w) + (S·a) bᵀ + v kᵀ. Shared by the
+        forward pass and the backward pass's recomputation, so both follow the same arithmetic."""
+        sa = tl.sum(S * at[None, :], axis=1)  # [N] over values
+        return S * tl.exp(wt)[None, :] + sa[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+
+    @triton.jit
     def _wkv7_fwd_kernel(r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, s0_ptr, y_ptr, sT_ptr, ck_ptr, T,
                          H: tl.constexpr, N: tl.constexpr, CH: tl.constexpr, HAS_S0: tl.constexpr):
         bh = tl.program_id(0).to(tl.int64)
@@ -68,8 +75,7 @@ if TRITON_AVAILABLE:
                 vt = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
                 at = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
                 bt = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
-                sa = tl.sum(S * at[None, :], axis=1)  # [N] over values
-                S = S * tl.exp(wt)[None, :] + sa[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+                S = _wkv7_state_step(S, wt, kt, vt, at, bt)
                 yt = tl.sum(S * rt[None, :], axis=1)
                 tl.store(y_ptr + off, yt, mask=m)
         tl.store(sT_ptr + bh * N * N + mat, S)
@@ -100,8 +106,7 @@ if TRITON_AVAILABLE:
                 vt = tl.load(v_ptr + off, mask=m, other=0.0).to(tl.float32)
                 at = tl.load(a_ptr + off, mask=m, other=0.0).to(tl.float32)
                 bt = tl.load(b_ptr + off, mask=m, other=0.0).to(tl.float32)
-                sa = tl.sum(S * at[None, :], axis=1)
-                S = S * tl.exp(wt)[None, :] + sa[:, None] * bt[None, :] + vt[:, None] * kt[None, :]
+                S = _wkv7_state_step(S, wt, kt, vt, at, bt)
                 tl.store(sc + (tt + 1) * N * N + mat, S)
             tl.debug_barrier()  # the walk below reads states other threads may have written
             # 2. walk the chunk backwards
