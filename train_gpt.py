@@ -256,7 +256,7 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     values = dict(ARCH_TRAIN_DEFAULTS[arch])
     arch_all = dict(ARCH_DEFAULTS[arch], **values)
     for name, value in PRESETS.get(preset, {}).items():
-        if arch_all.get(name, None) in (0, 0.0, False) and not isinstance(arch_all.get(name), str):
+        if arch_all.get(name) in (0, 0.0, False):
             continue  # a preset rescales a run; it never switches on what the arch switches off
         values[name] = value
     if preset == "tiny":
@@ -495,7 +495,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         if use_cuda:
             torch.cuda.synchronize()
 
-    def validate(tag: str, stride: int, fn=None) -> "EvalResult":
+    def validate(stride: int, fn=None) -> "EvalResult":
         return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
                         rt.rank, rt.world_size, autocast)
 
@@ -511,7 +511,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             sync()
             train_ms += 1000.0 * (time.perf_counter() - t0)
             model.eval()
-            res = validate("val", h.train_seq_len)
+            res = validate(h.train_seq_len)
             model.train()
             log(f"step:{step}/{h.iterations} {res.log_fields()} train_time:{train_ms:.0f}ms "
                 f"step_avg:{train_ms / max(step, 1):.2f}ms")
@@ -649,7 +649,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     mode = f"sliding_stride{stride}" if stride < h.train_seq_len else "non_overlapping"
     results = {"steps": step, "train_ms": train_ms}
     if h.eval_prequant:
-        pre = validate("final_prequant", stride)  # the compiled forward_logits on GPUs; EMA weights are in place
+        pre = validate(stride)  # the compiled forward_logits on GPUs; EMA weights are in place
         log(f"final_prequant eval:{mode} {pre.log_fields()}")
         results["prequant"] = pre
 
@@ -671,7 +671,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     fresh.load_state_dict(unpack_model(blob, source=str(artifact_path)), strict=True)
     fresh.eval()
     fn = torch.compile(fresh.forward_logits, dynamic=False) if (use_cuda and h.compile != 0) else fresh.forward_logits
-    post = validate("roundtrip", stride, fn)
+    post = validate(stride, fn)
     tag = f"final_int{h.matrix_bits}_{used}_roundtrip"
     log(f"{tag} eval:{mode} {post.log_fields()}")
     log(f"{tag}_exact val_loss:{post.val_loss:.8f} val_bpb:{post.val_bpb:.8f}")
