@@ -4,8 +4,7 @@ The challenge counts the bytes of the code that produces the model plus the byte
 model (GOLF.md §3.6, §4.6). Code bytes here are file sizes on disk (for UTF-8 text, the same number
 as the baseline's `len(code.encode("utf-8"))`). The trainer sums them over `loaded_source_files`:
 `train_gpt.py` plus every project module the run actually imported (so an architecture that is
-not used, say RWKV-7 in a hybrid run, costs nothing). `project_source_files` is the static upper
-bound: every module of the packages the trainer may import.
+not used, say RWKV-7 in a hybrid run, costs nothing).
 """
 from __future__ import annotations
 
@@ -15,33 +14,13 @@ from pathlib import Path
 
 ARTIFACT_LIMIT = 16_000_000  # decimal bytes, code + compressed model
 
-# Packages whose .py files the trainer imports, and data CLIs it never imports (they prepare data
-# offline and are not part of the submission's code).
+# Packages whose imported modules count as the trainer's code.
 TRAINER_PACKAGES: tuple[str, ...] = ("hybrid", "quant", "data")
-NOT_IMPORTED_BY_TRAINER: frozenset[str] = frozenset({"download.py", "build_shards.py", "sample.py"})
 
 
 def code_bytes(paths) -> int:
     """Sum of the sizes in bytes of the given files (FileNotFoundError if one is missing)."""
     return sum(Path(p).stat().st_size for p in paths)
-
-
-def project_source_files(root) -> list[Path]:
-    """The code a training run executes, sorted: `train_gpt.py` plus every `.py` file under
-    `hybrid/`, `quant/` and `data/` (recursively), except the data CLIs `download.py`,
-    `build_shards.py` and `sample.py` in `data/`, which the trainer does not import. Tests, benchmarks
-    (`bench/`), records and docs are not code of the run and are never listed. Missing packages are
-    skipped; a missing `train_gpt.py` is not an error either (tests call this on partial trees)."""
-    root = Path(root)
-    files = [root / "train_gpt.py"] if (root / "train_gpt.py").is_file() else []
-    for package in TRAINER_PACKAGES:
-        for path in sorted((root / package).rglob("*.py")):
-            if "__pycache__" in path.parts:
-                continue
-            if package == "data" and path.name in NOT_IMPORTED_BY_TRAINER and path.parent == root / "data":
-                continue
-            files.append(path)
-    return sorted(files)
 
 
 def loaded_source_files(root, entry="train_gpt.py") -> list[Path]:
