@@ -91,6 +91,8 @@ class Hyperparameters:
     num_kv_heads: int = field(default=-1, metadata={"help": "key/value heads (GQA)"})
     mlp_mult: float = field(default=-1.0, metadata={"help": "MLP hidden = mlp_mult × model_dim"})
     mlp_act: str = field(default="", metadata={"help": "leaky_relu2 | relu2"})
+    mlp_fused: str = field(default="", metadata={"help": "MLP up-projection + activation as one Triton "
+                                                          "kernel: auto (CUDA bf16) | triton | off"})
     layer_pattern: str = field(default="", metadata={"help": "one letter per layer: T token-shift, "
                                                              "W windowed attention, F full attention, "
                                                              "R RWKV-7 time-mix; lower case = the same mixer "
@@ -502,7 +504,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
     stop_after_step = None
-    train_loss = torch.zeros((), device=device)
+    cap_flag = None  # the previous step's all-reduced cap flag (distributed runs)
     sync()
     t0 = time.perf_counter()
     while True:
@@ -556,10 +558,15 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             t0 = time.perf_counter()
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
         reached = max_ms > 0 and approx_ms >= max_ms
-        if rt.distributed and max_ms > 0:  # every rank stops at the same step
+        if rt.distributed and max_ms > 0:
+            # Every rank must stop at the same step, so the ranks agree on the flag; reading this
+            # step's all-reduce at once would stall the host until the GPU drains its queue. The flag
+            # is read one step late instead: by then its all-reduce has long finished, the queue stays
+            # full, and all ranks still stop at the same step (one step past the cap at most).
             flag = torch.tensor(int(reached), device=device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached = bool(flag.item())
+            reached = cap_flag.read() if cap_flag is not None else False
+            cap_flag = LaggedFlag(flag)
         if reached and stop_after_step is None:
             stop_after_step = step
     check_finite(bad_step, last_checkpoint)
@@ -567,6 +574,25 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
     return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms)
+
+
+class LaggedFlag:
+    """A device flag copied to the host without blocking; `read()` waits only for the work queued
+    before the copy (a CUDA event), not for everything queued since, as `.item()` would."""
+
+    def __init__(self, flag: torch.Tensor):
+        if flag.is_cuda:
+            self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
+            self.host.copy_(flag, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:
+            self.host, self.event = flag, None
+
+    def read(self) -> bool:
+        if self.event is not None:
+            self.event.synchronize()
+        return bool(self.host.item())
 
 
 def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
@@ -606,9 +632,13 @@ def counted_code_bytes(log) -> int:
     log(f"code_files:{','.join(str(p.relative_to(ROOT)) for p in sources)}", console=False)
     if len(sources) == 1:
         return code_bytes(sources)
-    from records.bundle import bundle_source, pack_source
+    from records.bundle import bundle_source, collect_modules, pack_source
 
-    packed = len(pack_source(bundle_source(ROOT), "lzma").encode("utf-8"))
+    # Modules only some archs import (RWKV-7, MoE) join the bundle when this run imported them.
+    imported = [".".join(p.relative_to(ROOT).with_suffix("").parts) for p in sources if p.name != Path(__file__).name]
+    default = set(collect_modules(ROOT))
+    extra = tuple(m for m in imported if m.split(".")[0] in ("hybrid", "quant") and m not in default)
+    packed = len(pack_source(bundle_source(ROOT, extra), "lzma").encode("utf-8"))
     log(f"code_bytes_source_files:{code_bytes(sources)} code_bytes_bundle_lzma:{packed}")
     return packed
 

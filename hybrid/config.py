@@ -43,6 +43,7 @@ LAYER_KINDS = {
     "R": "RWKV-7 time-mix",
 }
 MLP_ACTIVATIONS = ("leaky_relu2", "relu2")
+MLP_FUSED_MODES = ("auto", "triton", "off", "ref")  # = hybrid.fused_mlp.FUSED_MLP_MODES (tested)
 BLOCK_STYLES = ("hybrid", "rwkv")
 RWKV_FFNS = ("mlp", "cmix")
 # WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/wkv7.py).
@@ -87,6 +88,10 @@ class ModelConfig:
     # (measured: README "Artifact size"; MLP_MULT=3 needs COMPRESSOR=brotli and fewer layers).
     mlp_mult: float = 1.75
     mlp_act: str = "leaky_relu2"  # leaky_relu(x, 0.5)**2, golf PR #493; "relu2" = the baseline's relu(x)**2
+    # Up-projection + activation in one Triton kernel (hybrid/fused_mlp.py): "auto" = on CUDA in
+    # bf16/fp16, "triton" = always (errors without it), "off" = plain torch. Off by default until a
+    # GPU measurement shows it pays (docs/PERF.md); "off" is bit-identical to the unfused MLP.
+    mlp_fused: str = "off"
     layer_pattern: str = "TTTWTTWTTWTF"
     attn_window: int = 128  # W layers: each query sees exactly the last 128 tokens, itself included
     rope_dims: int = 16  # partial RoPE on the first 16 of 64 head dims, golf PR #315; 0 = all head dims
@@ -234,6 +239,7 @@ class ModelConfig:
         need(hidden >= 1 and math.isclose(hidden, round(hidden)),
              f"mlp_mult * model_dim must be a positive whole number, got {self.mlp_mult} * {self.model_dim}")
         need(self.mlp_act in MLP_ACTIVATIONS, f"mlp_act must be one of {MLP_ACTIVATIONS}, got {self.mlp_act!r}")
+        need(self.mlp_fused in MLP_FUSED_MODES, f"mlp_fused must be one of {MLP_FUSED_MODES}, got {self.mlp_fused!r}")
         need("W" not in kinds or self.attn_window >= 1,
              f"attn_window must be >= 1 when the pattern has W layers, got {self.attn_window}")
         need(self.xsa_last >= 0, f"xsa_last must be >= 0, got {self.xsa_last}")

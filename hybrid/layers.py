@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.attention import attention
+from hybrid.fused_mlp import FUSED_MLP_MODES, mlp_up_act_linear, use_fused_mlp
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -101,18 +102,25 @@ class MLP(nn.Module):
     """fc -> act -> proj, [..., C] -> [..., C]; proj is zero-init (baseline).
 
     act "relu2" = relu(x)^2 (baseline, modded-nanogpt); "leaky_relu2" = leaky_relu(x, 0.5)^2
-    (golf PR #493, about -0.003 bpb, TECHNIQUES.md §2.7)."""
+    (golf PR #493, about -0.003 bpb, TECHNIQUES.md §2.7).
+    fused: "auto" | "triton" | "off" (= "ref"), fc -> act as one Triton kernel (hybrid/fused_mlp.py);
+    "auto" takes it on CUDA under bf16/fp16, and the unfused code below everywhere else."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "leaky_relu2"):
+    def __init__(self, dim: int, hidden: int, act: str = "leaky_relu2", fused: str = "auto"):
         super().__init__()
         if act not in ("relu2", "leaky_relu2"):
             raise ValueError(f"MLP act must be 'relu2' or 'leaky_relu2', got {act!r}")
+        if fused not in FUSED_MLP_MODES:
+            raise ValueError(f"MLP fused must be one of {FUSED_MLP_MODES}, got {fused!r}")
         self.leaky = act == "leaky_relu2"
+        self.fused = fused
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if use_fused_mlp(self.fused, x):
+            return self.proj(mlp_up_act_linear(self.fc, x, 0.5 if self.leaky else 0.0))
         h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
         return self.proj(h.square())

@@ -31,7 +31,7 @@ def _losses(spec: list[str]) -> tuple[list[float], str]:
 def cmd_bundle(a) -> int:
     from records.bundle import LINE_LIMIT, write_bundle
 
-    info = write_bundle(Path(a.out), pack=a.pack)
+    info = write_bundle(Path(a.out), pack=a.pack, arch=a.arch)
     print(f"readable: {info['readable']} lines:{info['readable_lines']} bytes:{info['readable_bytes']} "
           f"(challenge readability limit {LINE_LIMIT} lines: {'ok' if info['readable_lines'] <= LINE_LIMIT else 'over'})")
     if "packed" in info:
@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bundle", help="write the self-contained train_gpt.py")
     b.add_argument("--out", default="bundle", help="output folder (default ./bundle)")
     b.add_argument("--pack", default="lzma", choices=["lzma", "brotli", "none"])
+    b.add_argument("--arch", default="hybrid", choices=["hybrid", "gpt", "rwkv7", "moe"],
+                   help="also bundle the modules this architecture imports lazily (rwkv7, moe)")
     b.set_defaults(fn=cmd_bundle)
     v = sub.add_parser("verify", help="recompute a record folder's bytes and val_bpb")
     v.add_argument("folder")

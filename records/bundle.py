@@ -36,6 +36,12 @@ ENTRY = "train_gpt.py"
 READABLE_NAME = "train_gpt_readable.py"
 LINE_LIMIT = 1500  # the challenge's readability limit for train_gpt.py
 PACKERS = ("lzma", "brotli", "none")
+# Modules a default (hybrid) run never imports but another --arch does lazily; `--arch` adds them.
+ARCH_MODULES: dict[str, tuple[str, ...]] = {
+    "hybrid": (), "gpt": (),
+    "rwkv7": ("hybrid.rwkv7", "hybrid.wkv7", "hybrid.wkv7_triton"),
+    "moe": ("hybrid.moe",),
+}
 
 
 class BundleError(RuntimeError):
@@ -76,9 +82,10 @@ def _project_imports(tree: ast.Module, where: str) -> tuple[list[str], list[ast.
     return top, lazy
 
 
-def collect_modules(root: Path = REPO) -> list[str]:
+def collect_modules(root: Path = REPO, extra: tuple[str, ...] = ()) -> list[str]:
     """Project modules the trainer imports at top level, transitively, in dependency order
-    (a module comes after every module it imports at top level)."""
+    (a module comes after every module it imports at top level), then the `extra` modules (and
+    whatever they import) that a non-default run imports lazily."""
     order: list[str] = []
     visiting: set[str] = set()
 
@@ -97,25 +104,38 @@ def collect_modules(root: Path = REPO) -> list[str]:
     _, tree = _parse(root / ENTRY)
     for dep in _project_imports(tree, ENTRY)[0]:
         visit(dep)
+    for dep in extra:
+        visit(dep)
     return order
 
 
-def _defined_names(tree: ast.Module) -> list[str]:
+def arch_modules(arch: str) -> tuple[str, ...]:
+    if arch not in ARCH_MODULES:
+        raise BundleError(f"unknown --arch {arch!r}; choose one of {sorted(ARCH_MODULES)}")
+    return ARCH_MODULES[arch]
+
+
+def _defined_names(tree: ast.Module) -> list[tuple[str, bool]]:
+    """[(top-level name, optional)]: optional = bound inside a top-level try block that imports an
+    optional package (`try: import triton except ImportError: triton = None`). Two modules may both
+    bind the same optional import (it means the same package in both); any other repeat is an error."""
     names = []
     for node in tree.body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-            names.append(node.name)
+            names.append((node.name, False))
         elif isinstance(node, ast.Assign):
             for t in node.targets:
-                names += [n.id for n in ast.walk(t) if isinstance(n, ast.Name)]
+                names += [(n.id, False) for n in ast.walk(t) if isinstance(n, ast.Name)]
         elif isinstance(node, (ast.AnnAssign, ast.AugAssign)) and isinstance(node.target, ast.Name):
-            names.append(node.target.id)
+            names.append((node.target.id, False))
         elif isinstance(node, ast.Try):  # optional imports: `try: import zstandard except ImportError: ...`
+            imported = {(a.asname or a.name).split(".")[0] for sub in ast.walk(node)
+                        if isinstance(sub, (ast.Import, ast.ImportFrom)) for a in sub.names}
+            names += [(n, True) for n in sorted(imported)]
             for sub in ast.walk(node):
-                if isinstance(sub, (ast.Import, ast.ImportFrom)):
-                    names += [(a.asname or a.name).split(".")[0] for a in sub.names]
-                elif isinstance(sub, ast.Assign):
-                    names += [n.id for t in sub.targets for n in ast.walk(t) if isinstance(n, ast.Name)]
+                if isinstance(sub, ast.Assign):
+                    names += [(n.id, n.id in imported) for t in sub.targets for n in ast.walk(t)
+                              if isinstance(n, ast.Name)]
     return names
 
 
@@ -165,7 +185,9 @@ def _lazy_replacement(node: ast.ImportFrom, included: set[str], indent: str) -> 
     if node.module in included:
         aliases = [f"{a.asname} = {a.name}" for a in node.names if a.asname and a.asname != a.name]
         return [indent + s for s in aliases] or [indent + "pass  # bundled: " + node.module + " is above"]
-    return [indent + f"raise ImportError({(node.module + ' is not part of this bundled train_gpt.py (it bundles the default hybrid run); run the package checkout for this feature')!r})"]
+    why = (f"{node.module} is not part of this bundled train_gpt.py; bundle it with "
+           f"`python -m records bundle --arch <arch>` for that architecture, or run the package checkout")
+    return [indent + f"raise ImportError({why!r})"]
 
 
 def _module_body(module: str, text: str, tree: ast.Module, included: set[str], imports: _Imports,
@@ -204,23 +226,30 @@ def _module_body(module: str, text: str, tree: ast.Module, included: set[str], i
     return out
 
 
-def bundle_source(root: Path = REPO) -> str:
-    """The readable single-file trainer (str, ends with a newline)."""
+def bundle_source(root: Path = REPO, extra: tuple[str, ...] = ()) -> str:
+    """The readable single-file trainer (str, ends with a newline); `extra` adds modules that only
+    some runs import lazily (`arch_modules(arch)`)."""
     root = Path(root)
-    modules = collect_modules(root)
+    modules = collect_modules(root, tuple(extra))
     included = set(modules)
     imports = _Imports()
     owners: dict[str, str] = {}
+    optional: set[str] = set()  # names only ever bound as optional imports
     parts: list[tuple[str, list[str]]] = []
     entry_doc = ""
     for module in modules + [ENTRY]:
         path = root / ENTRY if module == ENTRY else _module_path(root, module)
         text, tree = _parse(path)
-        for name in _defined_names(tree):
-            if name in owners and owners[name] != module:
+        for name, is_optional in _defined_names(tree):
+            if name in owners and owners[name] != module and not (is_optional and name in optional):
                 raise BundleError(f"top-level name {name!r} is defined in both {owners[name]} and {module}; "
                                   f"rename one (docs/DESIGN.md: top-level names are unique)")
-            owners[name] = module
+            if name not in owners:
+                owners[name] = module
+                if is_optional:
+                    optional.add(name)
+            elif not is_optional:
+                optional.discard(name)
         if module == ENTRY:
             entry_doc = ast.get_docstring(tree, clean=False) or ""
         parts.append((module, _module_body(module, text, tree, included, imports, keep_docstring=False)))
@@ -260,19 +289,21 @@ def pack_source(source: str, method: str = "lzma") -> str:
     return f'{head}_s="{enc}"\nexec(compile({call},__file__,"exec"))\n'
 
 
-def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO) -> dict:
+def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO, arch: str = "hybrid") -> dict:
     """Write out_dir/train_gpt.py (packed stub, or the readable source for pack='none') and, when
-    packed, out_dir/train_gpt_readable.py. Returns sizes and line counts."""
+    packed, out_dir/train_gpt_readable.py, holding what an `arch` run imports. Returns sizes and
+    line counts."""
+    extra = arch_modules(arch)
     if pack not in PACKERS:
         raise BundleError(f"unknown --pack {pack!r}; choose one of {PACKERS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    source = bundle_source(root)
+    source = bundle_source(root, extra)
     compile(source, ENTRY, "exec")  # a syntax error here is a bundler bug: fail before writing
     readable = out_dir / (ENTRY if pack == "none" else READABLE_NAME)
     readable.write_text(source, encoding="utf-8")
     info = {"readable": str(readable), "readable_lines": source.count("\n"),
-            "readable_bytes": len(source.encode("utf-8")), "modules": collect_modules(root)}
+            "readable_bytes": len(source.encode("utf-8")), "modules": collect_modules(root, extra)}
     if pack != "none":
         packed = pack_source(source, pack)
         (out_dir / ENTRY).write_text(packed, encoding="utf-8")

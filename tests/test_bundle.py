@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from records.bundle import (LINE_LIMIT, PROJECT_PACKAGES, READABLE_NAME, BundleError, bundle_source,
-                            collect_modules, write_bundle)
+from records.bundle import (ARCH_MODULES, LINE_LIMIT, PROJECT_PACKAGES, READABLE_NAME, BundleError,
+                            arch_modules, bundle_source, collect_modules, write_bundle)
 
 ROOT = Path(__file__).resolve().parents[1]
 STEP = re.compile(r"^step:(\d+)/\d+ train_loss:(\S+)", re.M)
@@ -36,6 +36,30 @@ def test_bundle_has_no_project_imports_and_is_deterministic():
     assert mods.index("hybrid.layers") < mods.index("hybrid.model")  # dependency order
     # lazy imports of modules left out of the bundle fail with a message naming them
     assert "hybrid.rwkv7 is not part of this bundled train_gpt.py" in src
+
+
+@pytest.mark.parametrize("arch", ["rwkv7", "moe"])
+def test_arch_bundle_includes_the_lazily_imported_modules(arch):
+    src = bundle_source(extra=arch_modules(arch))
+    compile(src, "train_gpt.py", "exec")
+    for module in ARCH_MODULES[arch]:
+        assert f"# {'=' * 30} {module.replace('.', '/')}.py" in src
+        assert f"{module} is not part of this bundled" not in src
+    assert "hybrid.rwkv7 is not part of this bundled" in bundle_source()  # the default bundle leaves it out
+    with pytest.raises(BundleError, match="unknown --arch"):
+        arch_modules("transformer")
+
+
+def test_bundle_allows_one_optional_import_in_two_modules(tmp_path):
+    (tmp_path / "hybrid").mkdir()
+    opt = "try:\n    import zlib\nexcept ImportError:\n    zlib = None\n"
+    (tmp_path / "hybrid" / "a.py").write_text(opt + "\ndef fa():\n    return zlib\n")
+    (tmp_path / "hybrid" / "b.py").write_text(opt + "\ndef fb():\n    return zlib\n")
+    (tmp_path / "train_gpt.py").write_text("from hybrid.a import fa\nfrom hybrid.b import fb\n")
+    compile(bundle_source(tmp_path), "train_gpt.py", "exec")
+    (tmp_path / "hybrid" / "b.py").write_text("def zlib():\n    return 1\n\ndef fb():\n    return zlib\n")
+    with pytest.raises(BundleError, match="'zlib' is defined in both hybrid.a and hybrid.b"):
+        bundle_source(tmp_path)
 
 
 def test_bundle_line_limit_or_packed(tmp_path):

@@ -94,3 +94,13 @@ def test_diverging_run_stops_and_names_the_step(tmp_path, sample_corpus):
     # the checkpoint kept is from before the bad step and loads
     kept = sorted((tmp_path / "ckpt" / "nan").glob("step_*.pt"))
     assert all(int(p.stem.split("_")[1]) < bad for p in kept)
+
+
+def test_two_processes_agree_on_the_wallclock_cap(tmp_path, sample_corpus):
+    """The cap flag is all-reduced and read one step late: both ranks must stop at the same step
+    (a rank that stopped alone would hang the other in its next collective)."""
+    env = {"ITERATIONS": 100000, "MAX_WALLCLOCK_SECONDS": 4, "EVAL_PREQUANT": 0, "VAL_MAX_TOKENS": 4096}
+    proc, log = run_trainer(tmp_path, "cap", env, nproc=2)
+    m = re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/", log)
+    assert m, log[-2000:]
+    assert int(m.group(2)) >= 1 and ROUNDTRIP.search(log)
