@@ -212,7 +212,7 @@ def mlp_up_act_linear(fc, x: Tensor, slope: float) -> Tensor:
     if fc.qat_bits > 0:
         from quant.int6 import fake_quant
 
-        w = fake_quant(w, fc.qat_bits)
+        w = fake_quant(w, fc.qat_bits, fc.qat_clip, fc.qat_sd_k)
     dtype = compute_dtype(x)
     return mlp_up_act(x.to(dtype), w.to(dtype), slope)
 

@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.attention import attention
-from hybrid.fused_mlp import FUSED_MLP_MODES, mlp_up_act_linear, use_fused_mlp
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -37,6 +36,8 @@ class CastedLinear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__(in_features, out_features, bias=bias)
         self.qat_bits: int = 0
+        self.qat_clip: str = "mse"  # the export's row-scale rule (quant.int6 CLIP_MODES), set with qat_bits
+        self.qat_sd_k: float = 0.0
         self._zero_init: bool = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -45,7 +46,7 @@ class CastedLinear(nn.Linear):
             # Imported here so the model runs (and is tested) without the quant package.
             from quant.int6 import fake_quant
 
-            w = fake_quant(w, self.qat_bits)
+            w = fake_quant(w, self.qat_bits, self.qat_clip, self.qat_sd_k)
         bias = self.bias.to(x.dtype) if self.bias is not None else None
         return F.linear(x, w.to(x.dtype), bias)
 
@@ -104,23 +105,29 @@ class MLP(nn.Module):
     act "relu2" = relu(x)^2 (baseline, modded-nanogpt); "leaky_relu2" = leaky_relu(x, 0.5)^2
     (golf PR #493, about -0.003 bpb, TECHNIQUES.md §2.7).
     fused: "auto" | "triton" | "off" (= "ref"), fc -> act as one Triton kernel (hybrid/fused_mlp.py);
-    "auto" takes it on CUDA under bf16/fp16, and the unfused code below everywhere else."""
+    "auto" takes it on CUDA under bf16/fp16, and the unfused code below everywhere else. The kernel
+    module is imported only when asked for: a run counts the code it imports (quant/budget.py)."""
 
-    def __init__(self, dim: int, hidden: int, act: str = "leaky_relu2", fused: str = "auto"):
+    def __init__(self, dim: int, hidden: int, act: str = "leaky_relu2", fused: str = "off"):
         super().__init__()
         if act not in ("relu2", "leaky_relu2"):
             raise ValueError(f"MLP act must be 'relu2' or 'leaky_relu2', got {act!r}")
-        if fused not in FUSED_MLP_MODES:
-            raise ValueError(f"MLP fused must be one of {FUSED_MLP_MODES}, got {fused!r}")
+        if fused not in ("auto", "triton", "off", "ref"):
+            raise ValueError(f"MLP fused must be one of ('auto', 'triton', 'off', 'ref'), got {fused!r}")
         self.leaky = act == "leaky_relu2"
         self.fused = fused
+        self._use_fused = self._mlp_up_act = None
+        if fused in ("auto", "triton"):
+            from hybrid.fused_mlp import mlp_up_act_linear, use_fused_mlp
+
+            self._use_fused, self._mlp_up_act = use_fused_mlp, mlp_up_act_linear
         self.fc = CastedLinear(dim, hidden)
         self.proj = CastedLinear(hidden, dim)
         self.proj._zero_init = True
 
     def forward(self, x: Tensor) -> Tensor:
-        if use_fused_mlp(self.fused, x):
-            return self.proj(mlp_up_act_linear(self.fc, x, 0.5 if self.leaky else 0.0))
+        if self._use_fused is not None and self._use_fused(self.fused, x):
+            return self.proj(self._mlp_up_act(self.fc, x, 0.5 if self.leaky else 0.0))
         h = self.fc(x)
         h = F.leaky_relu(h, 0.5) if self.leaky else torch.relu(h)
         return self.proj(h.square())

@@ -8,23 +8,33 @@ A 2-D weight `w` of shape [R, C] is quantized row by row (rows are output featur
     q   = clamp(round(w / s_r), -qmax, qmax)   int8 container, symmetric grid, qmax = 2**(bits-1) - 1
     w'  = q * s_r                         dequantized value (exact in fp32: 8-bit q times 11-bit s)
 
-`clip_r` is the row's max |w| times one of CLIP_RATIOS, whichever gives the smallest squared
-reconstruction error for that row (a GPTQ-lite style search, TECHNIQUES.md §2.11, but over fixed
-fractions of the row max instead of percentiles: no sort or quantile, so it is cheap enough to run
-inside every QAT forward; torch.quantile-based QAT cost +20% step time in golf PR #145).
+`clip_r` comes from one of two clip modes (both shared by export and QAT, `CLIP_MODES`):
+- "mse" (default): the row's max |w| times one of CLIP_RATIOS, whichever gives the smallest squared
+  reconstruction error for that row (a GPTQ-lite style search, TECHNIQUES.md §2.11, but over fixed
+  fractions of the row max instead of percentiles: no sort or quantile, so it is cheap enough to run
+  inside every QAT forward; torch.quantile-based QAT cost +20% step time in golf PR #145).
+- "sdclip": clip_r = k * std(row) (SDClip, rec:2026-04-05, TECHNIQUES.md §2.11), so
+  s_r = fp16(std_r * fp32(k / qmax)). std is torch's default unbiased one (N - 1), computed in
+  float64. The records use k = 12.85 for int6 matrices and k = 20 for int8 embeddings; k is far
+  above the row max of a Gaussian row, so this mostly sets the step size, not a clip: the compressed
+  size tracks about bits - log2(k). Entries beyond k*std are clamped to the grid edge. A constant
+  nonzero row has std 0 and so gets the floor scale: its values all clamp to ±qmax (no trained matrix
+  has such rows; an all-zero row is exact).
 
 `fake_quant` returns exactly the exported values in the forward pass and passes the gradient
 straight through to `w` (STE). Training-time and export-time grids agree bit for bit because:
 - everything is computed from `w` upcast to fp32, whatever the parameter dtype;
-- candidate scales are `fp16(amax * f_k)` with `f_k = fp32(ratio_k / qmax)` precomputed, a single
-  correctly rounded multiply (no division by a Python constant that a compiler could rewrite), and
-  the fp16 rounding is done on the bits (`_fp16_round`), which no compiler can skip;
+- scales are `fp16(x * f)` with `f = fp32(ratio_k / qmax)` (mse, x = the row's max |w|) or
+  `f = fp32(k / qmax)` (sdclip, x = the row's std rounded to fp32): a single correctly rounded
+  multiply (no division by a Python constant that a compiler could rewrite), and the fp16 rounding
+  is done on the bits (`_fp16_round`), which no compiler can skip;
 - `round(w / s)` is corrected with an exact residual test (`_round_div`), so the result is the
   round-half-even of the *real* quotient even where a backend divides approximately (Triton's
   fp32 division is not correctly rounded);
-- the error of each candidate is summed in float64 from exact per-element differences, so
-  different reduction orders (eager vs compiled, CPU vs GPU) can only disagree on a candidate choice
-  when two errors agree to ~1e-13 relative; exact ties pick the larger clip (the earlier ratio);
+- sums are taken in float64 (the mse candidates' errors, from exact per-element differences; the
+  sdclip variance), so different reduction orders (eager vs compiled, CPU vs GPU) can only disagree
+  when two mse errors agree to ~1e-13 relative, or when a float64 std sits that close to an fp32
+  rounding boundary; exact mse ties pick the larger clip (the earlier ratio);
 - scales are clamped to [2**-14, 65504], the normal fp16 range: never zero (all-zero rows work),
   never inf, and never subnormal, so no flush-to-zero mode can move the grid.
 """
@@ -37,6 +47,9 @@ from torch import Tensor
 # 1.0 is the plain row-max clip (PR #374); going down to 0.75 covers the clips GPTQ-lite's
 # percentile search picks on trained int6 rows, at six fused elementwise passes per matrix.
 CLIP_RATIOS: tuple[float, ...] = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
+
+# How the row clip is chosen (module docstring): "mse" = the CLIP_RATIOS search, "sdclip" = k * std.
+CLIP_MODES: tuple[str, ...] = ("mse", "sdclip")
 
 FP16_MIN_NORMAL = 2.0 ** -14  # smallest positive normal fp16; the scale floor
 FP16_MAX = 65504.0
@@ -90,21 +103,29 @@ def _grid(w32: Tensor, s16: Tensor, qm: int) -> Tensor:
     return torch.clamp(_round_div(w32, s16.float().unsqueeze(1)), -qm, qm)
 
 
-@torch.no_grad()
-def row_scales(w: Tensor, bits: int) -> Tensor:
-    """fp16 scale per row [R] for a 2-D float weight [R, C], chosen by the clip search above."""
-    _check_matrix(w)
-    qm = qmax(bits)
-    w32 = w.detach().float()
+def check_clip(clip: str, sd_k: float | None) -> None:
+    """ValueError unless `clip` is a CLIP_MODES name and sdclip has a finite k > 0."""
+    if clip not in CLIP_MODES:
+        raise ValueError(f"clip must be one of {CLIP_MODES}, got {clip!r}")
+    if clip == "sdclip" and not (isinstance(sd_k, (int, float)) and 0 < sd_k < float("inf")):
+        raise ValueError(f"clip='sdclip' needs a finite sd_k > 0, got {sd_k!r}")
+
+
+def _scale_from(x: Tensor, factor: Tensor) -> Tensor:
+    """fp16 scales fp16(clamp(x * factor)) from fp32 row statistics x [R] and an fp32 factor."""
+    return _fp16_round((x * factor).clamp(FP16_MIN_NORMAL, FP16_MAX)).to(torch.float16)
+
+
+def _mse_scales(w32: Tensor, qm: int) -> Tensor:
     w64 = w32.double()
     amax = w32.abs().amax(dim=1)  # [R]
-    factors = torch.tensor([r / qm for r in CLIP_RATIOS], dtype=torch.float32, device=w.device)
+    factors = torch.tensor([r / qm for r in CLIP_RATIOS], dtype=torch.float32, device=w32.device)
     best_s: Tensor | None = None
     best_err: Tensor | None = None
     # A loop over the (constant) candidates, vectorised over rows: dynamo unrolls it, and only one
     # [R, C] temporary is alive at a time instead of a [K, R, C] stack.
     for k in range(len(CLIP_RATIOS)):
-        s = _fp16_round((amax * factors[k]).clamp(FP16_MIN_NORMAL, FP16_MAX)).to(torch.float16)
+        s = _scale_from(amax, factors[k])
         deq = _grid(w32, s, qm) * s.float().unsqueeze(1)  # exact products
         err = (w64 - deq.double()).square().sum(dim=1)  # [R] float64; differences are exact
         if best_s is None:
@@ -116,10 +137,29 @@ def row_scales(w: Tensor, bits: int) -> Tensor:
     return best_s
 
 
-def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def _sdclip_scales(w32: Tensor, qm: int, sd_k: float) -> Tensor:
+    # A one-column row has no N - 1 spread; its population std (0) then gives the floor scale.
+    std = w32.double().std(dim=1, correction=1 if w32.shape[1] > 1 else 0).float()
+    factor = torch.tensor(sd_k / qm, dtype=torch.float32, device=w32.device)
+    return _scale_from(std, factor)
+
+
+@torch.no_grad()
+def row_scales(w: Tensor, bits: int, clip: str = "mse", sd_k: float | None = None) -> Tensor:
+    """fp16 scale per row [R] for a 2-D float weight [R, C], by clip mode "mse" or "sdclip" (k = sd_k)."""
+    _check_matrix(w)
+    check_clip(clip, sd_k)
+    qm = qmax(bits)
+    w32 = w.detach().float()
+    if clip == "sdclip":
+        return _sdclip_scales(w32, qm, float(sd_k))
+    return _mse_scales(w32, qm)
+
+
+def quantize_rows(w: Tensor, bits: int, clip: str = "mse", sd_k: float | None = None) -> tuple[Tensor, Tensor]:
     """(q int8 [R, C] in [-qmax, qmax], scale fp16 [R]) for a 2-D float weight [R, C]."""
     with torch.no_grad():
-        s = row_scales(w, bits)
+        s = row_scales(w, bits, clip, sd_k)
         q = _grid(w.detach().float(), s, qmax(bits)).to(torch.int8)
     return q, s
 
@@ -129,14 +169,16 @@ def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32
     return (q.float() * scale.float().unsqueeze(1)).to(dtype)
 
 
-def fake_quant(w: Tensor, bits: int) -> Tensor:
-    """Straight-through fake quantization: value dequantize_rows(*quantize_rows(w)), gradient identity.
+def fake_quant(w: Tensor, bits: int, clip: str = "mse", sd_k: float | None = None) -> Tensor:
+    """Straight-through fake quantization: value dequantize_rows(*quantize_rows(w, bits, clip, sd_k)),
+    gradient identity.
 
     `deq + (w - w.detach())` rather than the textbook `w + (deq - w).detach()`: `w - w` is exactly
     0, so the forward value is `deq` bit for bit, while `w + (deq - w)` can be off by one ulp.
-    No `.item()` and no branch on tensor values, so it traces under torch.compile(fullgraph=True).
+    No `.item()` and no branch on tensor values, so it traces under torch.compile(fullgraph=True);
+    `clip` and `sd_k` are Python constants that dynamo specialises on.
     """
     with torch.no_grad():
-        q, s = quantize_rows(w, bits)
+        q, s = quantize_rows(w, bits, clip, sd_k)
         deq = dequantize_rows(q, s, dtype=w.dtype)
     return deq + (w - w.detach())

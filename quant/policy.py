@@ -4,9 +4,15 @@ Rules, first match wins (`tensor_precision`):
 1. non-float tensors (int buffers, bool masks)            -> Precision("raw"): stored exactly;
 2. 2-D tensors named like an embedding table (EMBED_PATTERN) -> int `embed_bits` per row;
 3. 2-D tensors that are not control tensors (CONTROL_PATTERN), with min(shape) >= MIN_MATRIX_DIM
-   and more than SMALL_NUMEL elements                     -> int `matrix_bits` per row;
+   and more than SMALL_NUMEL elements                     -> int per row: `mlp_bits` for the "mlp"
+   group, `attn_bits` for "attn" and "mixer", `matrix_bits` otherwise (and when those are None);
 4. everything else (0/1-D tensors, control tensors, small or thin matrices, >2-D tensors)
                                                           -> fp32 if numel <= SMALL_NUMEL, else fp16.
+
+Groups (`tensor_group`, also for per-group size reports), first match wins: "raw" (non-float),
+"embed" (rule 2), "control" (0/1-D or control-named), "mlp" (under an MLP_PARTS component: dense
+FFN, MoE experts, RWKV channel-mix), "attn" / "mixer" (under a MIXER_PARTS component; "attn" when an
+attention projection, ATTN_LEAVES, follows), "other" (bigram.proj, ve.proj, ...).
 
 Small tensors stay in float because a per-row fp16 scale would cost as much as the data saved, and
 control tensors (gains, mixes, skip weights) are few numbers that every token passes through: the
@@ -22,7 +28,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from quant.int6 import qmax
+from quant.int6 import check_clip, qmax
 
 # Embedding-like tables (rows are looked up, not multiplied): int8 per row keeps the quant gap of
 # the tied embedding small (TECHNIQUES.md §2.13). A whole component path must match.
@@ -38,17 +44,37 @@ CONTROL_PATTERN = re.compile(r"(?:^|[._])(?:" + "|".join(CONTROL_WORDS) + r")(?:
 SMALL_NUMEL = 4096  # at or below: fp32 passthrough (a few KB in total for the whole model)
 MIN_MATRIX_DIM = 16  # thinner 2-D tensors (e.g. resid_mix [2, C]) are not worth a scale per row
 
+# Groups by dotted path component (`tensor_group`). MLP: the dense FFN ("mlp"), RWKV-7's channel-mix
+# ("ffn"); MoE experts, shared experts and router live under "mlp". Sequence mixers: the hybrid's
+# "mixer" (token-shift, attention, RWKV time-mix), RWKV7LM's "att", and "attn"/"attention" elsewhere;
+# a mixer weight is "attn" when a later component is an attention projection.
+MLP_PARTS = frozenset({"mlp", "ffn"})
+MIXER_PARTS = frozenset({"mixer", "att", "attn", "attention"})
+ATTN_LEAVES = frozenset({"c_q", "c_k", "c_v", "proj", "q", "k", "v", "o"})
+WRAPPER_PARTS = frozenset({"_orig_mod", "module"})  # torch.compile / DDP prefixes
+
 
 class Precision(NamedTuple):
-    """How one tensor is stored: kind "int" (per-row grid, `bits` 2..8), "fp16", "fp32" or "raw"."""
+    """How one tensor is stored: kind "int" (per-row grid, `bits` 2..8), "fp16", "fp32" or "raw".
+
+    For "int", `clip` and `sd_k` pick the row scales (quant/int6.py: "mse" search, or "sdclip" with
+    k = sd_k). They default to the mse search, so Precision("int", 6) means what it always did; code
+    that reads a precision as a (kind, bits) pair via p[0], p[1] is unaffected.
+    """
 
     kind: str
     bits: int = 0
+    clip: str = "mse"
+    sd_k: float = 0.0
 
 
 FP16 = Precision("fp16", 16)
 FP32 = Precision("fp32", 32)
 RAW = Precision("raw", 0)
+
+# Records' SDClip k (rec:2026-04-05, TECHNIQUES.md §2.11): int6 matrices and int8 embeddings.
+SD_K_MATRIX = 12.85
+SD_K_EMBED = 20.0
 
 
 def is_embedding_name(name: str) -> bool:
@@ -59,25 +85,69 @@ def is_control_name(name: str) -> bool:
     return CONTROL_PATTERN.search(name) is not None
 
 
-def tensor_precision(name: str, tensor: Tensor, matrix_bits: int = 6, embed_bits: int = 8) -> Precision:
-    """The storage precision of state-dict entry `name` (rules in the module docstring)."""
+def tensor_group(name: str, tensor: Tensor) -> str:
+    """The tensor's group, for per-group bit widths and size reports (rules in the module docstring):
+    "raw", "embed", "control", "mlp", "attn", "mixer" or "other"."""
+    if not tensor.is_floating_point():
+        return "raw"
+    if tensor.ndim == 2 and is_embedding_name(name):
+        return "embed"
+    if tensor.ndim < 2 or is_control_name(name):
+        return "control"
+    parts = _plain_parts(name)
+    if any(p in MLP_PARTS for p in parts):
+        return "mlp"
+    for i, p in enumerate(parts):
+        if p in MIXER_PARTS:
+            return "attn" if any(q in ATTN_LEAVES for q in parts[i + 1:]) else "mixer"
+    return "other"
+
+
+def _plain_parts(name: str) -> list[str]:
+    parts = name.split(".")
+    while parts and parts[0] in WRAPPER_PARTS:
+        parts = parts[1:]
+    return parts
+
+
+def tensor_precision(name: str, tensor: Tensor, matrix_bits: int = 6, embed_bits: int = 8,
+                     mlp_bits: int | None = None, attn_bits: int | None = None, clip: str = "mse",
+                     sd_k_matrix: float = SD_K_MATRIX, sd_k_embed: float = SD_K_EMBED) -> Precision:
+    """The storage precision of state-dict entry `name` (rules in the module docstring).
+
+    mlp_bits / attn_bits (None = matrix_bits) are the widths of the "mlp" and of the "attn" + "mixer"
+    groups (int5 MLP, int6 attention: TECHNIQUES.md §2.12). With clip="sdclip" int tensors carry
+    k = sd_k_embed (embeddings) or sd_k_matrix (every other matrix); with "mse" sd_k stays 0.
+    """
     if not tensor.is_floating_point():
         return RAW
     numel = tensor.numel()
     if tensor.ndim == 2 and numel > 0:
         if is_embedding_name(name):
-            return Precision("int", embed_bits)
+            return _int(embed_bits, clip, sd_k_embed)
         if not is_control_name(name) and min(tensor.shape) >= MIN_MATRIX_DIM and numel > SMALL_NUMEL:
-            return Precision("int", matrix_bits)
+            group = tensor_group(name, tensor)
+            bits = {"mlp": mlp_bits, "attn": attn_bits, "mixer": attn_bits}.get(group)
+            return _int(matrix_bits if bits is None else bits, clip, sd_k_matrix)
     return FP32 if numel <= SMALL_NUMEL else FP16
 
 
-def make_precision_fn(matrix_bits: int = 6, embed_bits: int = 8) -> Callable[[str, Tensor], Precision]:
-    """(name, tensor) -> Precision with the bit widths fixed; validates them once, up front."""
-    qmax(matrix_bits)
-    qmax(embed_bits)
+def _int(bits: int, clip: str, sd_k: float) -> Precision:
+    return Precision("int", bits, clip, float(sd_k)) if clip == "sdclip" else Precision("int", bits)
+
+
+def make_precision_fn(matrix_bits: int = 6, embed_bits: int = 8, mlp_bits: int | None = None,
+                      attn_bits: int | None = None, clip: str = "mse", sd_k_matrix: float = SD_K_MATRIX,
+                      sd_k_embed: float = SD_K_EMBED) -> Callable[[str, Tensor], Precision]:
+    """(name, tensor) -> Precision with the widths and clip fixed; validates them once, up front."""
+    for bits in (matrix_bits, embed_bits, mlp_bits, attn_bits):
+        if bits is not None:
+            qmax(bits)
+    check_clip(clip, sd_k_matrix)
+    check_clip(clip, sd_k_embed)
 
     def precision_fn(name: str, tensor: Tensor) -> Precision:
-        return tensor_precision(name, tensor, matrix_bits, embed_bits)
+        return tensor_precision(name, tensor, matrix_bits, embed_bits, mlp_bits, attn_bits, clip,
+                                sd_k_matrix, sd_k_embed)
 
     return precision_fn

@@ -31,7 +31,8 @@ def _plain_name(name: str) -> str:
 
 
 def set_qat(model: nn.Module, enabled: bool, precision_fn: Callable[[str, Tensor], tuple]) -> int:
-    """Set `qat_bits` on every module that has one; returns how many now fake-quantize (bits > 0).
+    """Set `qat_bits` (and `qat_clip`, `qat_sd_k`: the export's row-scale rule) on every module
+    that has `qat_bits`; returns how many now fake-quantize (bits > 0).
 
     With `enabled`, a module gets the policy's bits when its weight is stored as "int", else 0.
     With `enabled=False` every such module is reset to 0 (and 0 is returned).
@@ -40,7 +41,7 @@ def set_qat(model: nn.Module, enabled: bool, precision_fn: Callable[[str, Tensor
     for name, module in model.named_modules():
         if not hasattr(module, "qat_bits"):
             continue
-        bits = 0
+        bits, clip, sd_k = 0, "mse", 0.0
         weight = getattr(module, "weight", None)
         if enabled and isinstance(weight, Tensor):
             name = _plain_name(name)
@@ -48,6 +49,10 @@ def set_qat(model: nn.Module, enabled: bool, precision_fn: Callable[[str, Tensor
             precision = precision_fn(weight_name, weight)
             if precision[0] == "int":
                 bits = int(precision[1])
+                # the row-scale rule too (quant.policy.Precision.clip / sd_k), when the policy has one
+                clip = getattr(precision, "clip", "mse")
+                sd_k = float(getattr(precision, "sd_k", 0.0))
         module.qat_bits = bits
+        module.qat_clip, module.qat_sd_k = clip, sd_k
         switched_on += bits > 0
     return switched_on
