@@ -119,7 +119,7 @@ def casted_weight(lin: CastedLinear, dtype: torch.dtype) -> Tensor:
     if lin.qat_bits > 0:
         from quant.int6 import fake_quant  # same lazy import as CastedLinear.forward
 
-        w = fake_quant(w, lin.qat_bits)
+        w = fake_quant(w, lin.qat_bits, lin.qat_clip, lin.qat_sd_k)
     return w.to(dtype)
 
 
