@@ -4,10 +4,14 @@ Muon (Jordan et al., modded-nanogpt) replaces each matrix's momentum update by t
 semi-orthogonal matrix, computed with a quintic Newton–Schulz iteration. The golf records use it for
 every 2-D weight inside the blocks; embeddings and control scalars stay with Adam (GOLF.md §3.4).
 
-Distributed Muon follows the baseline: parameter i is orthogonalised by rank i % world_size, the
-updates are written into one flat buffer and summed across ranks, and every rank applies the full
-update. Momentum buffers therefore live only on the owning rank; `gather_muon_state` collects them
-before a checkpoint so that a resumed run (with any world size) continues exactly.
+Distributed Muon ("Parallel Muon", TECHNIQUES.md §2.15/§4.1: about −2 ms/step on 8×H100): the
+matrices of one shape form a bank; a bank of n matrices is padded to a multiple of the world size and
+rank r owns the r-th contiguous slice. Each rank keeps the momentum of its own matrices only, runs one
+batched Newton–Schulz over its slice, and the orthogonalised updates travel by one all-gather per
+bank (half the bytes of the baseline's all-reduce of a mostly-zero buffer), launched asynchronously so
+the gathers overlap the next bank's Newton–Schulz. Gradients arrive already averaged (DDP overlaps
+that all-reduce with the backward pass). `gather_state` collects the momentum buffers before a
+checkpoint so that a resumed run (with any world size) continues exactly.
 """
 from __future__ import annotations
 
@@ -20,19 +24,29 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) -> Tensor:
-    """Approximate U Vᵀ of G = U S Vᵀ. bf16 on CUDA (as the records), fp32 on the CPU."""
-    assert G.ndim == 2
+    """Approximate U Vᵀ of G = U S Vᵀ for a matrix [R, C] or a stack of them [N, R, C] (each
+    orthogonalised on its own). bf16 on CUDA (as the records), fp32 on the CPU."""
+    assert G.ndim in (2, 3)
     a, b, c = NS_COEFFS
     X = G.to(torch.bfloat16 if G.is_cuda else torch.float32)
-    X = X / (X.norm() + eps)  # spectral norm <= Frobenius norm <= 1, inside NS's basin
-    transposed = G.size(0) > G.size(1)
+    # spectral norm <= Frobenius norm <= 1, inside NS's basin
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + eps)
+    transposed = G.size(-2) > G.size(-1)
     if transposed:  # iterate on the wide orientation: the Gram matrix is the smaller one
-        X = X.T
+        X = X.mT
     for _ in range(steps):
-        A = X @ X.T
+        A = X @ X.mT
         B = b * A + c * A @ A
         X = a * X + B @ X
-    return X.T if transposed else X
+    return X.mT if transposed else X
+
+
+def compiled_zeropower():
+    """Newton–Schulz compiled on its own (the records do, TECHNIQUES.md §4.4): one graph per bank
+    shape, so the recompile limit is raised to the number of distinct matrix shapes a model has."""
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
+    return torch.compile(zeropower_via_newtonschulz5, dynamic=False, fullgraph=True)
 
 
 class Muon(torch.optim.Optimizer):
@@ -40,7 +54,7 @@ class Muon(torch.optim.Optimizer):
 
     Update of a (rows × cols) matrix is scaled by sqrt(max(1, rows/cols)) so tall and wide
     matrices move by comparable RMS (baseline). Weight decay is decoupled: p ← p·(1 − lr·wd)
-    (golf record #60).
+    (golf record #60). Parameters are grouped into same-shape banks (module docstring).
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int = 5,
@@ -52,50 +66,70 @@ class Muon(torch.optim.Optimizer):
         self.rank, self.world_size = rank, world_size
         self.zeropower = zeropower
 
+    def banks(self, group: dict) -> list[tuple[list[Tensor], int]]:
+        """[(params of one shape in group order, slice length per rank)], in order of first appearance."""
+        by_shape: dict[tuple, list[Tensor]] = {}
+        for p in group["params"]:
+            by_shape.setdefault((tuple(p.shape), p.dtype, p.device), []).append(p)
+        return [(ps, -(-len(ps) // self.world_size)) for ps in by_shape.values()]
+
+    def owner(self, index_in_bank: int, per_rank: int) -> int:
+        return index_in_bank // per_rank
+
     @torch.no_grad()
     def step(self, closure=None):
+        pending = []
         for group in self.param_groups:
-            params = group["params"]
-            if not params:
-                continue
             lr, momentum, wd = group["lr"], group["momentum"], group["weight_decay"]
-            flat_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
-            total = sum(p.numel() for p in params)
-            flat = torch.zeros(total, device=params[0].device, dtype=flat_dtype)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    g = p.grad
+            for params, per_rank in self.banks(group):
+                mine = params[self.rank * per_rank:(self.rank + 1) * per_rank]
+                rows, cols = params[0].shape
+                out_dtype = torch.bfloat16 if params[0].is_cuda else torch.float32
+                updates = torch.zeros(per_rank, rows, cols, device=params[0].device, dtype=out_dtype)
+                grads, slots = [], []
+                for j, p in enumerate(mine):
+                    if p.grad is None:
+                        continue
                     state = self.state[p]
                     if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(g)
+                        state["momentum_buffer"] = torch.zeros_like(p.grad)
                     buf = state["momentum_buffer"]
-                    buf.mul_(momentum).add_(g)
-                    g = g.add(buf, alpha=momentum) if group["nesterov"] else buf
-                    g = self.zeropower(g, steps=group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + p.numel()] = g.reshape(-1).to(flat_dtype)
-                offset += p.numel()
-            if self.world_size > 1:
-                dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-            offset = 0
-            for p in params:
-                update = flat[offset:offset + p.numel()].view_as(p).to(p.dtype)
+                    buf.mul_(momentum).add_(p.grad)
+                    grads.append(p.grad.add(buf, alpha=momentum) if group["nesterov"] else buf)
+                    slots.append(j)
+                if grads:
+                    g = self.zeropower(torch.stack(grads), steps=group["backend_steps"])
+                    g = g * max(1.0, rows / cols) ** 0.5
+                    if len(slots) == per_rank:
+                        updates.copy_(g)
+                    else:
+                        updates[slots] = g.to(out_dtype)
+                if self.world_size > 1:
+                    full = torch.empty(per_rank * self.world_size, rows, cols, device=updates.device,
+                                       dtype=out_dtype)
+                    handle = dist.all_gather_into_tensor(full, updates, async_op=True)
+                else:
+                    full, handle = updates, None
+                pending.append((params, full, handle, lr, wd))
+        for params, full, handle, lr, wd in pending:
+            if handle is not None:
+                handle.wait()
+            for i, p in enumerate(params):
                 if wd > 0:
                     p.mul_(1.0 - lr * wd)
-                p.add_(update, alpha=-lr)
-                offset += p.numel()
+                p.add_(full[i].to(p.dtype), alpha=-lr)
 
     def gather_state(self) -> None:
         """Make every rank hold every momentum buffer (owner broadcasts), before a checkpoint."""
         if self.world_size == 1:
             return
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                dist.broadcast(state["momentum_buffer"], src=i % self.world_size)
+            for params, per_rank in self.banks(group):
+                for i, p in enumerate(params):
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    dist.broadcast(state["momentum_buffer"], src=self.owner(i, per_rank))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -127,20 +161,68 @@ def is_matrix(name: str, p: Tensor) -> bool:
     return p.ndim == 2 and min(p.shape) >= 16 and not is_embedding(name) and not is_router(name)
 
 
+# RWKV-7's optimizer recipe, for the parameters of modules marked `optim_recipe = "rwkv7"` (the
+# time-mix, channel-mix and ln_x of hybrid/rwkv7.py) and of LayerNorms (here only RWKV-7's pre-LN
+# block norms, ARCHS.md §1.1); nothing else in the model is touched by these rules:
+# - ARCHS.md §1.7, first bullet: weight decay **only** on the large projection matrices and emb/head,
+#   "never on the vectors, LoRAs, norms" (reference README, "THIS IS VERY IMPORTANT"); the reference
+#   `configure_optimizers` gives w0 `my_lr_scale 2.0`, and the §1.6 table marks w0 "**2x LR**".
+# - ARCHS.md §1.7, last bullet, and §4.b notes: Muon on r, k, v, o and the channel-mix matrices (here
+#   CastedLinear children, which keep the generic Muon rule), Adam on the LoRAs and vectors (the
+#   modded-nanogpt-rwkv run keeps the LoRA `*_w1/*_w2` off Muon).
+# So: LoRA factors, vectors/norms/r_k and w0 are three Adam groups at scalar_lr without weight decay,
+# w0's at RWKV7_W0_LR_SCALE x scalar_lr. The names are hybrid/rwkv7.py's RWKV7_LORA_NAMES (repeated
+# here so that optim does not import the RWKV-7 module).
+RWKV7_LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+RWKV7_DECAY_BIAS = "w0"
+RWKV7_W0_LR_SCALE = 2.0
+RWKV7_ROLES = ("lora", "vector", "w0")  # the Adam groups, in this order after the generic scalars
+
+
+def rwkv7_roles(model: torch.nn.Module) -> dict[str, str]:
+    """{parameter name: "lora" | "vector" | "w0"} for the parameters the RWKV-7 recipe governs (the
+    own parameters of `optim_recipe == "rwkv7"` modules and of LayerNorms); empty for other models."""
+    roles = {}
+    for prefix, module in model.named_modules():
+        if getattr(module, "optim_recipe", None) != "rwkv7" and not isinstance(module, torch.nn.LayerNorm):
+            continue
+        for leaf, _ in module.named_parameters(recurse=False):
+            role = "lora" if leaf in RWKV7_LORA_NAMES else "w0" if leaf == RWKV7_DECAY_BIAS else "vector"
+            roles[f"{prefix}.{leaf}" if prefix else leaf] = role
+    return roles
+
+
 def split_params(model: torch.nn.Module):
     """(embeddings, matrices, scalars): every trainable parameter lands in exactly one group; MoE
-    routers are in the scalar (Adam) group."""
+    routers and the RWKV-7 recipe's LoRA factors (`rwkv7_roles`) are in the scalar (Adam) group."""
+    roles = rwkv7_roles(model)
     emb, mat, sca = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         if is_embedding(name):
             emb.append((name, p))
-        elif is_matrix(name, p):
+        elif is_matrix(name, p) and name not in roles:
             mat.append((name, p))
         else:
             sca.append((name, p))
     return emb, mat, sca
+
+
+def scalar_groups(model: torch.nn.Module, sca: list, h) -> list[dict]:
+    """Adam param groups of the scalar share: the generic one (scalar_lr, the optimizer's adam_wd), then
+    the RWKV-7 recipe's lora / vector / w0 groups (weight decay 0; w0 at 2x lr), each only if non-empty."""
+    roles = rwkv7_roles(model)
+    groups = []
+    generic = [p for n, p in sca if n not in roles]
+    if generic:
+        groups.append(dict(params=generic, lr=h.scalar_lr, base_lr=h.scalar_lr))
+    for role in RWKV7_ROLES:
+        params = [p for n, p in sca if roles.get(n) == role]
+        if params:
+            lr = h.scalar_lr * (RWKV7_W0_LR_SCALE if role == "w0" else 1.0)
+            groups.append(dict(params=params, lr=lr, base_lr=lr, weight_decay=0.0))
+    return groups
 
 
 def build_optimizers(model: torch.nn.Module, h, rank: int = 0, world_size: int = 1):
@@ -158,13 +240,13 @@ def build_optimizers(model: torch.nn.Module, h, rank: int = 0, world_size: int =
     if mat:
         muon = Muon([p for _, p in mat], lr=h.matrix_lr, momentum=h.muon_momentum,
                     backend_steps=h.muon_backend_steps, weight_decay=h.muon_wd,
-                    rank=rank, world_size=world_size)
+                    rank=rank, world_size=world_size, zeropower=compiled_zeropower() if fused else
+                    zeropower_via_newtonschulz5)
         for g in muon.param_groups:
             g["base_lr"] = h.matrix_lr
         optimizers.append(muon)
     if sca:
-        optimizers.append(torch.optim.AdamW([dict(params=[p for _, p in sca], lr=h.scalar_lr,
-                                                  base_lr=h.scalar_lr)], **adam_kw))
+        optimizers.append(torch.optim.AdamW(scalar_groups(model, sca, h), **adam_kw))
     return optimizers
 
 

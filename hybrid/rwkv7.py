@@ -19,7 +19,10 @@ Parameter names and shapes follow the reference checkpoints (`blocks.{i}.att.w1`
 `rwkv7_reference_state_dict` is a reshape; the per-channel vectors are stored [C] instead of
 [1, 1, C]. Big matrices (receptance, key, value, output, channel-mix key/value, head) are
 `CastedLinear` (fp32 master weight, `qat_bits` for QAT); LoRA factors and vectors are plain fp32
-Parameters cast to the activation dtype at use; the decay and the state stay fp32.
+Parameters cast to the activation dtype at use; the decay and the state stay fp32. Each LoRA factor also
+has a parameter-free QAT handle (`att.lora_qat.w1`, …, `RWKV7LoRAQAT`) so that late QAT reaches it
+without renaming it. The time-mix, channel-mix and ln_x carry `optim_recipe = "rwkv7"`, which
+hybrid/optim.py reads to apply the reference optimizer recipe to their own parameters.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ RWKV7_LOG_DECAY_SCALE = -math.exp(-0.5)
 RWKV7_LORA_FACTORS = {"w": 2.5, "a": 2.5, "v": 1.7, "g": 5.0}
 # Per-channel vectors of the time-mix / channel-mix, stored [C] here and [1, 1, C] by the reference.
 RWKV7_VECTOR_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
+# LoRA factors: first [C, d] then second [d, C] of each LoRA (ARCHS.md §1.6); v1/v2 not in the first layer.
+RWKV7_LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
 def rwkv7_lora_dims(dim: int) -> dict[str, int]:
@@ -64,12 +69,45 @@ def _orthogonal_(w: Tensor, scale: float) -> None:
     nn.init.orthogonal_(w, gain=(math.sqrt(rows / cols) if rows > cols else 1.0) * scale)
 
 
+class RWKV7LoRAQAT(nn.Module):
+    """Late-QAT handle of one LoRA factor: `qat_bits` (with `qat_clip`, `qat_sd_k`) and `.weight`,
+    what quant.qat.set_qat looks for and sets, as on a CastedLinear. The factor itself stays a Parameter
+    of the time-mix, so its state-dict name is still the reference's (`blocks.{i}.att.w1`); this module
+    owns no parameters or buffers. When `qat_bits` > 0 the time-mix runs the factor through
+    `quant.int6.fake_quant(w, bits, clip, sd_k)` as stored ([C, d] or [d, C], one scale per row of
+    dim 0): the tensor and orientation the exporter quantizes. `qat_tensor_name` tells set_qat which
+    state-dict name to ask the precision policy about (`...att.w1`, exactly what the exporter asks)."""
+
+    def __init__(self, owner: nn.Module, param_name: str):
+        super().__init__()
+        self.param_name = param_name
+        self.qat_bits: int = 0
+        self.qat_clip: str = "mse"  # the export's row-scale rule, set by set_qat with qat_bits
+        self.qat_sd_k: float = 0.0
+        # A plain reference, not a submodule: the owner is this module's parent in the module tree.
+        object.__setattr__(self, "_owner", owner)
+
+    @property
+    def weight(self) -> Tensor:
+        return getattr(self._owner, self.param_name)
+
+    def qat_tensor_name(self, module_name: str) -> str:
+        """The state-dict name this handle stands for: `blocks.3.att.lora_qat.w1` -> `blocks.3.att.w1`
+        (quant.qat.set_qat asks the precision policy about that name, the one the exporter sees)."""
+        return module_name.rsplit(".", 2)[0] + "." + self.param_name
+
+    def extra_repr(self) -> str:
+        return f"{self.param_name}, qat_bits={self.qat_bits}"
+
+
 class RWKV7GroupNorm(nn.Module):
     """Per-head GroupNorm of the WKV output ("ln_x"), [..., C] -> [..., C], eps = 1e-5·N.
 
     The reference hard-codes eps 64e-5 for N = 64 ("!!! notice eps value !!!"); FLA scales it by the
     head size, which is the same at N = 64. Own module (not nn.GroupNorm) so its weight keeps the
     time-mix's layer-scaled init: nothing outside resets it to 1."""
+
+    optim_recipe = "rwkv7"  # Adam, no weight decay (hybrid/optim.py, ARCHS.md §1.7)
 
     def __init__(self, num_heads: int, dim: int, eps: float):
         super().__init__()
@@ -90,7 +128,12 @@ class RWKV7TimeMix(nn.Module):
 
     `first` (default: layer_id == 0) marks the layer that produces v_first; it has no value-residual
     LoRA (FLA drops it too; the reference allocates v0/v1/v2 there but never reads them). Every other
-    layer needs v_first. `state` = (shift, wkv) carried from a previous call, for long-context eval."""
+    layer needs v_first. `state` = (shift, wkv) carried from a previous call, for long-context eval.
+    `lora_qat[n]` is the late-QAT handle of LoRA factor n (RWKV7LoRAQAT)."""
+
+    # hybrid/optim.py: this module's own parameters (vectors, r_k, LoRA factors) follow the RWKV-7
+    # recipe (Adam, no weight decay, 2x lr on w0); its CastedLinear children stay with Muon.
+    optim_recipe = "rwkv7"
 
     def __init__(self, dim: int, head_size: int, layer_id: int, num_layers: int,
                  lora: dict[str, int] | None = None, first: bool | None = None,
@@ -113,6 +156,7 @@ class RWKV7TimeMix(nn.Module):
             self.v0 = nn.Parameter(torch.empty(C))
             self.v1, self.v2 = nn.Parameter(torch.empty(C, d["v"])), nn.Parameter(torch.empty(d["v"], C))
         self.g1, self.g2 = nn.Parameter(torch.empty(C, d["g"])), nn.Parameter(torch.empty(d["g"], C))
+        self.lora_qat = nn.ModuleDict({n: RWKV7LoRAQAT(self, n) for n in RWKV7_LORA_NAMES if hasattr(self, n)})
         self.r_k = nn.Parameter(torch.empty(self.num_heads, head_size))
         self.receptance = CastedLinear(C, C)
         self.key = CastedLinear(C, C)
@@ -167,6 +211,17 @@ class RWKV7TimeMix(nn.Module):
         self.ln_x.weight.fill_(((l + 1) / L) ** 0.7)
         self.ln_x.bias.zero_()
 
+    def _lora(self, name: str, dt: torch.dtype) -> Tensor:
+        """LoRA factor `name` in dtype dt; through the export grid first when its QAT handle is on
+        (fake-quantize the fp32 master, then cast: CastedLinear's order)."""
+        w = getattr(self, name)
+        handle = self.lora_qat[name]
+        if handle.qat_bits > 0:
+            from quant.int6 import fake_quant  # as in CastedLinear: the model runs without quant/
+
+            w = fake_quant(w, handle.qat_bits, handle.qat_clip, handle.qat_sd_k)
+        return w.to(dt)
+
     def forward(self, x: Tensor, v_first: Tensor | None = None,
                 state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor]]:
         B, T, C = x.shape
@@ -179,10 +234,10 @@ class RWKV7TimeMix(nn.Module):
         v = self.value(xv)
         # Decay in fp32 at least: the soft clamp keeps log d in (−e^{−1/2}, 0), i.e. d ≥ 0.545.
         fdt = torch.promote_types(dt, torch.float32)
-        w_lora = torch.tanh(xw @ self.w1.to(dt)) @ self.w2.to(dt)
+        w_lora = torch.tanh(xw @ self._lora("w1", dt)) @ self._lora("w2", dt)
         log_d = RWKV7_LOG_DECAY_SCALE * torch.sigmoid(self.w0.to(fdt) + w_lora.to(fdt))
-        a = torch.sigmoid(self.a0.to(dt) + (xa @ self.a1.to(dt)) @ self.a2.to(dt))
-        g = torch.sigmoid(xg @ self.g1.to(dt)) @ self.g2.to(dt)
+        a = torch.sigmoid(self.a0.to(dt) + (xa @ self._lora("a1", dt)) @ self._lora("a2", dt))
+        g = torch.sigmoid(xg @ self._lora("g1", dt)) @ self._lora("g2", dt)
         kk = F.normalize((k * self.k_k.to(dt)).view(B, T, H, N), dim=-1, p=2.0, eps=1e-12)
         k = k * (1 + (a - 1) * self.k_a.to(dt))
         if self.first:
@@ -190,7 +245,7 @@ class RWKV7TimeMix(nn.Module):
         else:
             if v_first is None:
                 raise ValueError(f"RWKV7TimeMix layer {self.layer_id} is not the first: it needs v_first")
-            v = v + (v_first - v) * torch.sigmoid(self.v0.to(dt) + (xv @ self.v1.to(dt)) @ self.v2.to(dt))
+            v = v + (v_first - v) * torch.sigmoid(self.v0.to(dt) + (xv @ self._lora("v1", dt)) @ self._lora("v2", dt))
         heads = (B, T, H, N)
         y, wkv_state = wkv7(r.view(heads), log_d.view(heads), k.view(heads), v.view(heads), -kk,
                             kk * a.view(heads), None if state is None else state[1],
@@ -206,6 +261,8 @@ class RWKV7ChannelMix(nn.Module):
 
     x_k = 1 − (i/C)^{(1 − l/L)^4}; key U(±0.5/√C); value 0 (RWKV_CMix_x070). The reference hard-codes
     hidden = 4C; the golf configs use 3C (ARCHS.md §4.b)."""
+
+    optim_recipe = "rwkv7"  # x_k: Adam, no weight decay; key/value (CastedLinear) stay with Muon
 
     def __init__(self, dim: int, hidden: int, layer_id: int = 0, num_layers: int = 1):
         super().__init__()

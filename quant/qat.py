@@ -1,9 +1,10 @@
 """Late QAT switch: point each quantizable linear at the export grid, or back at plain weights.
 
 A module takes part if it has an int attribute `qat_bits` (duck typing; hybrid's `CastedLinear`
-has one and, when it is > 0, runs its weight through `quant.int6.fake_quant(w, qat_bits)`). The bit
+has one and, when it is > 0, runs its weight through `quant.int6.fake_quant(w, qat_bits, ...)`). The bit
 width comes from the same precision policy the exporter uses, called with the state-dict name of the
-module's weight, so the grid trained against is the grid written to the artifact.
+module's weight (or, for a handle like RWKV-7's LoRA factors, the name its `qat_tensor_name(module
+name)` returns), so the grid trained against is the grid written to the artifact.
 
 Setting an int attribute (rather than a class-level flag) matters under torch.compile: dynamo guards
 on module attributes, so the switch costs one recompile instead of being constant-folded away (the
@@ -45,7 +46,10 @@ def set_qat(model: nn.Module, enabled: bool, precision_fn: Callable[[str, Tensor
         weight = getattr(module, "weight", None)
         if enabled and isinstance(weight, Tensor):
             name = _plain_name(name)
-            weight_name = f"{name}.weight" if name not in ("", "_orig_mod", "module") else "weight"
+            if hasattr(module, "qat_tensor_name"):  # a handle for a tensor stored under another name
+                weight_name = module.qat_tensor_name(name)
+            else:
+                weight_name = f"{name}.weight" if name not in ("", "_orig_mod", "module") else "weight"
             precision = precision_fn(weight_name, weight)
             if precision[0] == "int":
                 bits = int(precision[1])

@@ -22,7 +22,8 @@ from hybrid.model import Block, HybridGPT, RWKVBlock, expert_load_summary, named
 from hybrid.moe import MoEFFN
 from hybrid.moe_presets import MOE_PRESETS, count_active_params, param_breakdown
 from hybrid.optim import split_params
-from hybrid.rwkv7 import RWKV7_PRESETS, RWKV7LM, RWKV7ChannelMix, RWKV7TimeMix, rwkv7_param_count
+from hybrid.rwkv7 import (RWKV7_PRESETS, RWKV7LM, RWKV7ChannelMix, RWKV7LoRAQAT, RWKV7TimeMix,
+                           rwkv7_param_count)
 from quant.artifact import pack_model, unpack_model
 from quant.int6 import dequantize_rows, quantize_rows
 from quant.policy import make_precision_fn
@@ -460,9 +461,11 @@ def test_set_qat_switches_rwkv_and_expert_matrices(name):
     model = randomize_(HybridGPT(quant_cfg(name)), std=0.05)
     linears = {n: m for n, m in model.named_modules() if isinstance(m, CastedLinear)}
     want = {n for n, m in linears.items() if PRECISION(n + ".weight", m.weight).kind == "int"}
-    assert set_qat(model, True, PRECISION) == len(want)
+    loras = {n: m for n, m in model.named_modules() if isinstance(m, RWKV7LoRAQAT)}  # C=256: all int6
+    assert loras and all(PRECISION(n + ".weight", m.weight).kind == "int" for n, m in loras.items())
+    assert set_qat(model, True, PRECISION) == len(want) + len(loras)
     on = {n for n, m in linears.items() if m.qat_bits == 6}
-    assert on == want
+    assert on == want and all(m.qat_bits == 6 for m in loras.values())
     assert any(".experts." in n for n in on) and any(".shared." in n for n in on)
     assert any(n.endswith(("att.receptance", "mixer.receptance")) for n in on)
     assert any(n.endswith(("att.output", "mixer.output")) for n in on)
@@ -471,6 +474,7 @@ def test_set_qat_switches_rwkv_and_expert_matrices(name):
     model(ids, torch.roll(ids, -1, 1)).backward()
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for n, m in linears.items() if n in on)
     assert set_qat(model, False, PRECISION) == 0 and all(m.qat_bits == 0 for m in linears.values())
+    assert all(m.qat_bits == 0 for m in loras.values())
 
 
 @pytest.mark.parametrize("name", list(CONFIGS) + ["many-experts"])

@@ -12,6 +12,7 @@ packages are imported, and the `rwkv` package changes global torch settings on i
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import importlib.util
 import json
@@ -28,7 +29,9 @@ from hybrid.layers import CastedLinear
 from hybrid.rwkv7 import (
     RWKV7_PRESETS,
     RWKV7LM,
+    RWKV7_LORA_NAMES,
     RWKV7ChannelMix,
+    RWKV7LoRAQAT,
     RWKV7TimeMix,
     rwkv7_load_reference_state_dict,
     rwkv7_lora_dims,
@@ -244,10 +247,12 @@ def test_lm_trains_and_every_parameter_gets_a_gradient():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.isfinite(m(ids[:, :-1], ids[:, 1:]))
-    # Big matrices are CastedLinear (QAT hook `qat_bits`); the LoRA factors are plain Parameters.
+    # Big matrices are CastedLinear (QAT hook `qat_bits`); the LoRA factors are plain Parameters with a
+    # parameter-free QAT handle each (late QAT off by default).
     block = m.blocks[1]
     for lin in (block.att.receptance, block.att.key, block.att.value, block.att.output, block.ffn.key, block.ffn.value):
         assert isinstance(lin, CastedLinear) and lin.qat_bits == 0
+    assert isinstance(block.att.w1, torch.nn.Parameter) and block.att.lora_qat["w1"].qat_bits == 0
     assert not hasattr(m.blocks[0].att, "v1") and hasattr(block.att, "v1")
 
 
@@ -321,6 +326,132 @@ def test_reference_state_dict_round_trip():
     rwkv7_load_reference_state_dict(m2, ref)
     ids = torch.randint(0, 64, (1, 10))
     torch.testing.assert_close(m2.forward_logits(ids), m.forward_logits(ids), rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------------------------
+# Late QAT of the LoRA factors (quant.qat.set_qat reaches them through RWKV7LoRAQAT handles)
+
+TIMEMIX_KEYS = ["x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a", "w1", "w2", "a1", "a2", "g1",
+                "g2", "r_k", "receptance.weight", "key.weight", "value.weight", "output.weight", "ln_x.weight",
+                "ln_x.bias"]
+
+
+def test_lora_qat_handles_leave_state_dict_and_parameters_as_they_were():
+    m = RWKV7LM(64, 128, 2, head_size=64, ffn_hidden=256)
+    keys = list(m.state_dict())
+    assert keys == [n for n, _ in m.named_parameters()]  # no buffers, no extra entries
+    assert not any("lora_qat" in k for k in keys)
+    for layer, extra in ((0, []), (1, ["v0", "v1", "v2"])):
+        prefix = f"blocks.{layer}.att."
+        assert sorted(k[len(prefix):] for k in keys if k.startswith(prefix)) == sorted(TIMEMIX_KEYS + extra)
+        att = m.blocks[layer].att
+        assert sorted(att.lora_qat) == sorted(n for n in RWKV7_LORA_NAMES if hasattr(att, n))
+        assert all(h.weight is getattr(att, n) for n, h in att.lora_qat.items())
+    assert sum(p.numel() for p in m.parameters()) == rwkv7_param_count(64, 128, 2, 64, 256)
+
+
+def test_lora_qat_handles_follow_rebuilt_and_copied_parameters():
+    with torch.device("meta"):
+        m = RWKV7LM(64, 128, 2, head_size=64, ffn_hidden=256)
+    m.to_empty(device="cpu")
+    m.init_weights()
+    att = m.blocks[1].att
+    assert att.lora_qat["g2"].weight is att.g2 and att.lora_qat["g2"].weight.device.type == "cpu"
+    twin = copy.deepcopy(m).blocks[1].att
+    assert twin.lora_qat["w1"].weight is twin.w1 and twin.w1 is not att.w1
+    m.load_state_dict({k: v.clone() for k, v in m.state_dict().items()}, assign=True)
+    assert att.lora_qat["a1"].weight is att.a1
+
+
+def qat_model(kind: str) -> torch.nn.Module:
+    """Models where the policy sends some LoRA factors to the int grid and keeps others in float."""
+    torch.manual_seed(0)
+    if kind == "lm":  # untied: emb (nn.Embedding, never fake-quantized) and head (CastedLinear)
+        # C=128: w1 [128, 48] and g1 [128, 64] are > 4096 values (int); a1 [128, 32] and v1 [128, 16] are not.
+        return randomize_(RWKV7LM(64, 128, 2, head_size=64, ffn_hidden=256,
+                                  lora={"w": 48, "a": 32, "v": 16, "g": 64}), std=0.1, seed=5)
+    from hybrid.config import ARCH_DEFAULTS, ModelConfig
+    from hybrid.model import HybridGPT
+
+    # the trainer's --arch rwkv7 model, narrower: at C=192 every LoRA factor is int; tied tok_emb int8.
+    cfg = ModelConfig(**dict(ARCH_DEFAULTS["rwkv7"], model_dim=192, num_layers=2, layer_pattern="RR"))
+    return randomize_(HybridGPT(cfg), std=0.1, seed=5)
+
+
+def qat_target(name: str, module: torch.nn.Module) -> str:
+    """The state-dict name of the tensor a QAT module fake-quantizes."""
+    if isinstance(module, RWKV7LoRAQAT):
+        return name.rsplit(".lora_qat.", 1)[0] + "." + module.param_name
+    return name + ".weight"
+
+
+# (model, precision policy): int6; int5; int6 with the att/mixer group at int7, the channel-mix at int5
+# and SDClip row scales (the policy decides per state-dict name, so the handles must be asked alike).
+QAT_CASES = [("lm", dict(matrix_bits=6)), ("lm", dict(matrix_bits=5)), ("arch", dict(matrix_bits=6)),
+             ("arch", dict(matrix_bits=6, mlp_bits=5, attn_bits=7, clip="sdclip"))]
+
+
+@pytest.mark.parametrize("kind, policy", QAT_CASES)
+def test_set_qat_fake_quantizes_exactly_the_int_tensors(kind, policy):
+    from quant.int6 import dequantize_rows, quantize_rows
+    from quant.policy import make_precision_fn
+    from quant.qat import set_qat
+
+    model = qat_model(kind)
+    precision = make_precision_fn(embed_bits=8, **policy)
+    sd = model.state_dict()
+    embedding_owned = {f"{n}.weight" for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    want = {n: precision(n, t) for n, t in sd.items()
+            if precision(n, t).kind == "int" and n not in embedding_owned}
+    lora_int = {n.rsplit(".", 1)[-1] for n in want if n.rsplit(".", 1)[-1] in RWKV7_LORA_NAMES}
+    assert lora_int == ({"w1", "w2", "g1", "g2"} if kind == "lm" else set(RWKV7_LORA_NAMES))
+    assert embedding_owned & {n for n, t in sd.items() if precision(n, t).kind == "int"}  # skipped on purpose
+
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(6))
+    plain = model.forward_logits(ids).detach()
+    assert set_qat(model, True, precision) == len(want)
+    on = {qat_target(n, m): ("int", m.qat_bits, m.qat_clip, m.qat_sd_k)
+          for n, m in model.named_modules() if getattr(m, "qat_bits", 0) > 0}
+    assert on == {n: tuple(p) for n, p in want.items()}
+    if "attn_bits" in policy:  # the LoRA factors sit in the policy's "mixer" group, at its width
+        assert {p.bits for n, p in want.items() if n.rsplit(".", 1)[-1] in RWKV7_LORA_NAMES} == {7}
+
+    # The QAT forward is the forward of the exported (dequantized) weights (to 1e-6: the same values,
+    # but in other buffers, which CPU BLAS may sum in another order) ...
+    reference = copy.deepcopy(model)
+    set_qat(reference, False, precision)
+    with torch.no_grad():
+        for n, p in want.items():
+            t = reference.get_parameter(n)
+            t.copy_(dequantize_rows(*quantize_rows(t, p.bits, p.clip, p.sd_k), dtype=t.dtype))
+    out = model.forward_logits(ids)
+    ref_out = reference.forward_logits(ids)
+    torch.testing.assert_close(out, ref_out, rtol=1e-6, atol=1e-6)
+    assert (out - plain).abs().max() > 1e-4  # ... which differs from the float model
+    # ... and the straight-through gradient of each factor is the dequantized model's gradient.
+    out.square().mean().backward()
+    ref_out.square().mean().backward()
+    for n in want:
+        torch.testing.assert_close(model.get_parameter(n).grad, reference.get_parameter(n).grad, rtol=0, atol=1e-6)
+
+    assert set_qat(model, False, precision) == 0
+    assert all(h.qat_bits == 0 for h in model.modules() if isinstance(h, RWKV7LoRAQAT))
+    torch.testing.assert_close(model.forward_logits(ids), plain, rtol=1e-6, atol=1e-6)
+
+
+def test_lora_qat_traces_fullgraph():
+    from quant.policy import make_precision_fn
+    from quant.qat import set_qat
+
+    tm = randomize_(RWKV7TimeMix(128, 64, 1, 2, lora={"w": 48, "a": 32, "v": 16, "g": 64}), std=0.1)
+    x = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(7))
+    vf = torch.randn(2, 16, 128, generator=torch.Generator().manual_seed(8))
+    compiled = torch.compile(tm, backend="eager", fullgraph=True, dynamic=False)  # dynamo only: guards + graph breaks
+    plain = compiled(x, vf)[0]
+    assert set_qat(tm, True, make_precision_fn(6, 8)) == 4 + 4  # 4 CastedLinear + w1 w2 g1 g2
+    quantized = compiled(x, vf)[0]  # the int attribute is guarded: a recompile, not a stale graph
+    torch.testing.assert_close(quantized, tm(x, vf)[0], rtol=0, atol=1e-6)
+    assert not torch.equal(quantized, plain)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -115,6 +115,13 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time():
             torch.testing.assert_close(batched[i], zeropower_via_newtonschulz5(gg[i]), rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_newton_schulz_equals_eager():
+    from hybrid.optim import compiled_zeropower
+
+    g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(compiled_zeropower()(g), zeropower_via_newtonschulz5(g), rtol=1e-5, atol=1e-5)
+
+
 def test_banked_muon_matches_per_matrix_reference():
     """Mixed shapes (two banks), interleaved in the param list, one matrix without a gradient:
     every matrix moves exactly as a plain per-matrix Muon would move it."""
