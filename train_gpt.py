@@ -37,11 +37,12 @@ from data.loader import DistributedTokenLoader
 from data.shards import load_validation_tokens
 from hybrid.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
-from hybrid.evaluate import evaluate
-from hybrid.model import HybridGPT, expert_load_summary, named_model_preset
+from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate, evaluate_stateful
+from hybrid.model import HybridGPT, check_stateful, expert_load_summary, named_model_preset
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
-from quant.artifact import blob_compressor, pack_model, read_artifact, unpack_model, write_artifact
+from quant.artifact import (artifact_sections, blob_compressor, pack_model, read_artifact, unpack_model,
+                            write_artifact)
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, loaded_source_files
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
@@ -69,7 +70,13 @@ class Hyperparameters:
     val_max_tokens: int = field(default=0, metadata={"help": "use only the first N validation tokens (0: all)"})
     eval_stride: int = field(default=64, metadata={"help": "final eval: sliding windows every N tokens; "
                                                            ">= train_seq_len means non-overlapping"})
-    eval_batch_seqs: int = field(default=32, metadata={"help": "windows per evaluation batch per rank"})
+    eval_batch_seqs: int = field(default=32, metadata={"help": "windows per evaluation batch per rank "
+                                                               "(stateful: parallel spans per rank)"})
+    eval_mode: str = field(default="sliding", metadata={"help": "final eval: sliding (windows every EVAL_STRIDE) | "
+                                                        "stateful (R/T-only models: the recurrent state carried "
+                                                        "across chunks of train_seq_len; hybrid/evaluate.py)"})
+    eval_warmup: int = field(default=0, metadata={"help": "stateful eval: unscored context tokens before each "
+                                                          "span (0: every span starts from a fresh state)"})
     eval_prequant: bool = field(default=True, metadata={"help": "also score the unquantized final weights"})
     train_log_every: int = field(default=200, metadata={"help": "log the train loss every N steps"})
     # --- training length and batch -------------------------------------------------------------
@@ -157,6 +164,19 @@ class Hyperparameters:
     embed_bits: int = field(default=8, metadata={"help": "integer bits of embedding tables in the artifact"})
     compressor: str = field(default="zlib", metadata={"help": "zlib | zstd | lzma | brotli | auto (smallest)"})
     bitpack: int = field(default=0, metadata={"help": "store int values bit-packed instead of one per byte"})
+    mlp_bits: int = field(default=0, metadata={"help": "integer bits of MLP/expert matrices (0 = MATRIX_BITS; "
+                                                        "int5 MLP: TECHNIQUES.md §2.12)"})
+    attn_bits: int = field(default=0, metadata={"help": "integer bits of attention and mixer matrices (0 = MATRIX_BITS)"})
+    quant_clip: str = field(default="mse", metadata={"help": "row scale: mse (clip search, GPTQ-lite) | sdclip "
+                                                             "(k·std(row), a size knob: TECHNIQUES.md §2.11)"})
+    sd_k_matrix: float = field(default=12.85, metadata={"help": "sdclip k of the block matrices"})
+    sd_k_embed: float = field(default=20.0, metadata={"help": "sdclip k of the embedding tables"})
+    gptq: int = field(default=0, metadata={"help": "1 = full-Hessian GPTQ at export, on self-generated "
+                                                   "calibration text (quant/gptq.py)"})
+    gptq_seqs: int = field(default=32, metadata={"help": "GPTQ calibration sequences"})
+    gptq_seq_len: int = field(default=512, metadata={"help": "GPTQ calibration sequence length"})
+    gptq_temp: float = field(default=0.8, metadata={"help": "GPTQ calibration sampling temperature"})
+    gptq_batch: int = field(default=8, metadata={"help": "sequences per GPTQ Hessian forward"})
     artifact_path: str = field(default="", metadata={"help": "where the artifact goes (default logs/<run_id>.ptz)"})
     # --- checkpoints ---------------------------------------------------------------------------
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
@@ -272,6 +292,10 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     if not h.run_id:
         h.run_id = str(uuid.uuid4())
     cfg = h.model_config()  # validates the model fields early, with the config's own messages
+    if h.eval_mode not in EVAL_MODES:
+        raise ValueError(f"--eval-mode must be one of {EVAL_MODES}, got {h.eval_mode!r}")
+    if h.eval_mode == "stateful":
+        check_stateful(cfg)  # attention models cannot carry their context: refuse before training
     for f in fields(ModelConfig):  # store the resolved values: logs and checkpoints show what ran
         if hasattr(h, f.name):
             value = getattr(cfg, f.name)
@@ -422,10 +446,15 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     if rt.distributed:
         run_model = DDP(run_model, device_ids=[rt.local_rank] if use_cuda else None, broadcast_buffers=False)
     logits_fn = torch.compile(model.forward_logits, dynamic=False) if compile_model else model.forward_logits
+    state_fn = (torch.compile(model.forward_logits_stateful, dynamic=False) if compile_model
+                else model.forward_logits_stateful)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_cuda else None
     optimizers = build_optimizers(model, h, rt.rank, rt.world_size)
     ema = EMA(model, h.ema_decay) if h.ema_decay > 0 else None
-    precision_fn = make_precision_fn(h.matrix_bits, h.embed_bits)
+    # One policy for late QAT and the export, so the grid trained against is the grid written.
+    precision_fn = make_precision_fn(h.matrix_bits, h.embed_bits, mlp_bits=h.mlp_bits or None,
+                                     attn_bits=h.attn_bits or None, clip=h.quant_clip,
+                                     sd_k_matrix=h.sd_k_matrix, sd_k_embed=h.sd_k_embed)
 
     def train_step() -> torch.Tensor:
         """One optimizer step's gradients over grad_accum micro-batches; returns the mean loss."""
@@ -497,9 +526,12 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         if use_cuda:
             torch.cuda.synchronize()
 
-    def validate(stride: int, fn=None) -> "EvalResult":
+    def validate(stride: int, fn=None, mode: str = "sliding") -> "EvalResult":
+        if mode == "stateful":
+            return evaluate_stateful(fn or state_fn, val_tokens, h.train_seq_len, luts, h.eval_batch_seqs, device,
+                                     rt.rank, rt.world_size, autocast, warmup=h.eval_warmup)
         return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
-                        rt.rank, rt.world_size, autocast)
+                        rt.rank, rt.world_size, autocast, tail_logits=True)
 
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
@@ -676,16 +708,18 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
         log(f"ema:applied decay:{h.ema_decay}")
     model.eval()
     stride = min(h.eval_stride, h.train_seq_len)
-    mode = f"sliding_stride{stride}" if stride < h.train_seq_len else "non_overlapping"
+    mode = eval_mode_tag(h.eval_mode, h.train_seq_len, stride)
     results = {"steps": step, "train_ms": train_ms}
     if h.eval_prequant:
-        pre = validate(stride)  # the compiled forward_logits on GPUs; EMA weights are in place
+        pre = validate(stride, mode=h.eval_mode)  # the compiled forward on GPUs; EMA weights are in place
         log(f"final_prequant eval:{mode} {pre.log_fields()}")
         results["prequant"] = pre
 
     artifact_path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
     if rt.is_main:
-        blob = pack_model(model.state_dict(), precision_fn, compressor=h.compressor, bitpack=bool(h.bitpack))
+        prequantized = gptq_export(h, model, precision_fn, log) if h.gptq else None
+        blob = pack_model(model.state_dict(), precision_fn, compressor=h.compressor, bitpack=bool(h.bitpack),
+                          prequantized=prequantized)
         write_artifact(artifact_path, blob)
     rt.barrier()
     blob = read_artifact(artifact_path)
@@ -693,6 +727,13 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     report = BudgetReport(code_bytes=counted_code_bytes(log), model_bytes=artifact_path.stat().st_size)
     for line in report.lines():
         log(line)
+    n_params = sum(t.numel() for t in model.state_dict().values())
+    log(f"model_bytes_per_param:{report.model_bytes / n_params:.4f} params_stored:{n_params}")
+    for sec in artifact_sections(blob, source=str(artifact_path)):  # where the bytes go, per tensor group
+        per = f" bytes_per_param:{sec['compressed_bytes'] / sec['params']:.4f}" if sec["params"] else ""
+        log(f"artifact_section:{sec['name']} compressor:{sec['compressor']} transform:{sec['transform']} "
+            f"tensors:{sec['tensors']} params:{sec['params']} raw_bytes:{sec['raw_bytes']} "
+            f"bytes:{sec['compressed_bytes']}{per}", console=False)
     if not report.fits:
         log(f"warning: the artifact is {-report.margin} bytes over the {ARTIFACT_LIMIT}-byte limit; "
             f"it is still written and evaluated")
@@ -700,8 +741,9 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     fresh = HybridGPT(cfg).to(device)
     fresh.load_state_dict(unpack_model(blob, source=str(artifact_path)), strict=True)
     fresh.eval()
-    fn = torch.compile(fresh.forward_logits, dynamic=False) if (use_cuda and h.compile != 0) else fresh.forward_logits
-    post = validate(stride, fn)
+    fwd = fresh.forward_logits_stateful if h.eval_mode == "stateful" else fresh.forward_logits
+    fn = torch.compile(fwd, dynamic=False) if (use_cuda and h.compile != 0) else fwd
+    post = validate(stride, fn, h.eval_mode)
     tag = f"final_int{h.matrix_bits}_{used}_roundtrip"
     log(f"{tag} eval:{mode} {post.log_fields()}")
     log(f"{tag}_exact val_loss:{post.val_loss:.8f} val_bpb:{post.val_bpb:.8f}")
@@ -709,6 +751,26 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
         log(f"quant_gap_bpb:{post.val_bpb - results['prequant'].val_bpb:+.6f}")
     results.update(roundtrip=post, report=report, artifact=str(artifact_path), compressor=used)
     return results
+
+
+def gptq_export(h, model, precision_fn, log) -> dict:
+    """Full-Hessian GPTQ (quant/gptq.py) of every int matrix on calibration text the model writes
+    itself (rec:2026-03-25), so no training or validation token is read after training. The
+    Hessian pass runs in fp32 without autocast: under bf16 the fused MLP kernel and MoE's grouped
+    matmuls bypass the modules whose inputs GPTQ records."""
+    from quant.gptq import generate_calibration, gptq_quantize  # lazy: only GPTQ runs count this code
+
+    t = time.perf_counter()
+    on_cuda = next(model.parameters()).is_cuda
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):  # sampling only: bf16 is fine
+        calib = generate_calibration(model, h.gptq_seqs, h.gptq_seq_len, h.gptq_temp, seed=h.seed, bos_id=1)
+    quantized, method = gptq_quantize(model, calib, precision_fn, batch_size=h.gptq_batch)
+    fallback = {k: v for k, v in method.items() if v != "gptq"}
+    log(f"gptq: tensors:{len(method) - len(fallback)}/{len(method)} calib:{h.gptq_seqs}x{h.gptq_seq_len} "
+        f"time:{1000 * (time.perf_counter() - t):.0f}ms")
+    for name, why in fallback.items():
+        log(f"gptq_fallback {name}: {why}", console=False)
+    return quantized
 
 
 if __name__ == "__main__":

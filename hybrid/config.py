@@ -21,10 +21,10 @@ Block style: "hybrid" (default) = the RMS-norm residual block of hybrid/model.py
 per-branch scales; "rwkv" = RWKV-7's own pre-LayerNorm block (ln0 on the embedding, ln1/ln2, ln_out),
 parameter for parameter RWKV7LM, which takes only R/r letters (`--arch rwkv7`).
 
-Named architectures (ARCH_DEFAULTS): "hybrid", "gpt" (the naive baseline), "rwkv7" (RWKV7_PRESETS
-["golf"]: 8 × 512 RWKV-7, 23,901,696 params) and "moe" (MOE_PRESETS["golf"]'s FFNs on the hybrid's
-mixers: 11 × 512, dense layer 0, 4 routed experts top-1 + 1 shared in layers 1-10; 25,217,056 params,
-17,352,736 active per token). The full-size seeds (rize, rish, rwkv7-191m) stay in their modules;
+Named architectures (ARCH_DEFAULTS): "hybrid", "gpt" (the naive baseline), "rwkv7" (8 × 512 RWKV-7,
+channel-mix 2.5x) and "moe" (MOE_PRESETS["golf"]'s FFNs on the hybrid's mixers: 11 × 512, dense layer
+0, 4 routed experts of 192 top-1 + 1 shared of 256 in layers 1-10; 21,284,896 params, 15,386,656
+active per token). Both golf sizes were fitted by a measured pack (docs/PERF.md). The full-size seeds (rize, rish, rwkv7-191m) stay in their modules;
 hybrid.model.named_model_preset counts them on the meta device.
 """
 
@@ -349,17 +349,19 @@ _RWKV7_OVERRIDES = {
 }
 
 # `--arch moe` = MOE_PRESETS["golf"]'s FFNs (hybrid/moe_presets.py: dense leaky-relu² 3x in layer 0;
-# one shared expert of 384 + 4 routed experts of 256, top-1, sigmoid router with bias balancing, aux
+# one shared expert of 256 + 4 routed experts of 192, top-1, sigmoid router with bias balancing, aux
 # 1e-4 per sequence, z-loss 1e-3, in layers 1-10) on the hybrid's mixers: token shift with windowed
 # attention every third layer and full attention last, "TTTWTTWTTWF" (TECHNIQUES.md §1's rhythm at 11
-# layers), smear and XSA on the 4 attention layers. Pattern "Tttwttwttwf": 25,217,056 params, 17,352,736
-# active per token; ≈ 15.6 MB at int6 by the estimate above, ≈ 15.9 MB with the code. BigramHash + VE
-# would add ≈ 0.46 MB (over budget), so they are off. Written out like _RWKV7_OVERRIDES (same test).
+# layers), smear and XSA on the 4 attention layers. Pattern "Tttwttwttwf": 21,284,896 params, 15,386,656
+# active per token. Sized by a measured pack, not an estimate: after 60 CPU training steps the int6
+# zlib artifact was 15,235,774 + 71,084 code = 15,306,858 bytes (docs/PERF.md); the first draft (routed
+# 256, shared 384: 25.2M params) would have been ≈ 17.9 MB at the measured ~0.71 byte/param. BigramHash
+# and VE are off for the same reason. Written out like _RWKV7_OVERRIDES (same test).
 _MOE_OVERRIDES = {
     "vocab_size": 1024, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
     "layer_pattern": "Tttwttwttwf", "mlp_mult": 3.0, "mlp_act": "leaky_relu2",
-    "moe_num_experts": 4, "moe_top_k": 1, "moe_expert_hidden": 256, "moe_shared_experts": 1,
-    "moe_shared_hidden": 384, "moe_shared_gate": False, "moe_router": "sigmoid", "moe_norm_topk": False,
+    "moe_num_experts": 4, "moe_top_k": 1, "moe_expert_hidden": 192, "moe_shared_experts": 1,
+    "moe_shared_hidden": 256, "moe_shared_gate": False, "moe_router": "sigmoid", "moe_norm_topk": False,
     "moe_routed_scale": 1.0, "moe_aux_coef": 1e-4, "moe_balance_loss": "sequence", "moe_z_coef": 1e-3,
     "moe_bias_balancing": True, "moe_bias_rate": 1e-3, "moe_act": "leaky_relu2", "moe_dispatch": "auto",
     "bigram_buckets": 0, "ve_layers": "none",

@@ -18,6 +18,11 @@ untouched). MoE layers return their weighted aux loss, which `forward` adds to t
 non-persistent buffers, read by `expert_load_stats()`, so nothing syncs with the host during the
 forward. `after_optimizer_step()` applies the aux-loss-free bias update (a no-op without MoE).
 
+Evaluation paths (hybrid/evaluate.py): `forward_logits(ids, last)` runs the head only on the last `last`
+positions (sliding-window eval scores only a window's tail); `forward_logits_stateful(ids, state)`
+carries every recurrent state across calls (R: token shift + WKV; T, SmearGate, BigramHash: one token)
+so chunks of a stream score as one sequence; models with attention (W/F) are refused (`check_stateful`).
+
 `ModelConfig()` gives the hybrid; `ModelConfig(**ARCH_DEFAULTS["gpt"])` gives the challenge's naive
 baseline, parameter for parameter (17,059,912; tests/test_model.py). The model holds no distributed
 code and compiles with torch.compile(fullgraph=True, dynamic=False) (MoE: with the grouped dispatch,
@@ -98,18 +103,29 @@ def build_ffn(cfg: ModelConfig, layer_idx: int, letter: str) -> tuple[nn.Module,
         from hybrid.rwkv7 import RWKV7ChannelMix
 
         return RWKV7ChannelMix(C, cfg.mlp_hidden, layer_idx, cfg.num_layers), "cmix"
-    return MLP(C, cfg.mlp_hidden, cfg.mlp_act), "mlp"
+    return MLP(C, cfg.mlp_hidden, cfg.mlp_act, fused=cfg.mlp_fused), "mlp"
 
 
-def run_ffn(ffn: nn.Module, kind: str, h: Tensor, stats: MoELoadStats | None) -> tuple[Tensor, Tensor | None]:
-    """Apply an FFN made by `build_ffn`: (output, weighted MoE aux loss or None)."""
+def run_ffn(ffn: nn.Module, kind: str, h: Tensor, stats: MoELoadStats | None,
+            shift: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """Apply an FFN made by `build_ffn`: (output, weighted MoE aux loss or None, carried state or None).
+    Only the channel-mix has state: its token shift's last input [B, C], fed back as `shift`."""
     if kind == "moe":
         y, aux = ffn(to_autocast_dtype(h))
         stats.record(aux)
-        return y, aux["loss"]
+        return y, aux["loss"], None
     if kind == "cmix":
-        return ffn(h)[0], None
-    return ffn(h), None
+        y, last = ffn(h, shift)
+        return y, None, last
+    return ffn(h), None, None
+
+
+def shifted_call(fn, x: Tensor, prev: Tensor, *pairs: tuple[Tensor, Tensor]) -> Tensor:
+    """fn(x, *args) for an fn whose output at t reads only inputs t and t−1 (TokenShiftMix, SmearGate),
+    with `prev` [B, C] as the input at t = −1 instead of zeros (each extra arg comes as a pair
+    (carried [B, 1] column, arg [B, T])): run fn one step longer and drop its first output."""
+    x = torch.cat((prev.to(x.dtype).unsqueeze(1), x), dim=1)  # (B, T+1, C)
+    return fn(x, *(torch.cat(pair, dim=1) for pair in pairs))[:, 1:]
 
 
 class Block(nn.Module):
@@ -123,7 +139,8 @@ class Block(nn.Module):
     published hybrid, which skipped it in token-shift blocks, we apply it to every block so the
     depth schedule does not depend on the layer kind.
 
-    forward(x, x0, ve, v_first) -> (x, v_first, weighted MoE aux loss or None)."""
+    forward(x, x0, ve, v_first) -> (x, v_first, weighted MoE aux loss or None);
+    forward_stateful(x, x0, v_first, state) -> (x, v_first, new state), see HybridGPT.forward_logits_stateful."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str, first_rwkv: bool = False):
         super().__init__()
@@ -166,18 +183,30 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, x0: Tensor, ve: Tensor | None = None,
                 v_first: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        x, v_first, aux_loss, _ = self._run(x, x0, ve, v_first, None)
+        return x, v_first, aux_loss
+
+    def forward_stateful(self, x: Tensor, x0: Tensor, v_first: Tensor | None, state: tuple | None):
+        """State = (mixer state, FFN state): T -> last normed input [B, C]; R -> (shift [B, C], WKV
+        [B, H, N, N] fp32); the channel-mix -> its last input [B, C]; None elsewhere / when fresh."""
+        x, v_first, _, new_state = self._run(x, x0, None, v_first, state)
+        return x, v_first, new_state
+
+    def _run(self, x: Tensor, x0: Tensor, ve: Tensor | None, v_first: Tensor | None, state: tuple | None):
+        mix_state, ffn_state = (None, None) if state is None else state
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = self._norm(x)
         if self.kind == "T":
-            out = self.mixer(h)
+            out = self.mixer(h) if mix_state is None else shifted_call(self.mixer, h, mix_state)
+            mix_state = h[:, -1]
         elif self.kind == "R":
-            out, v_first, _ = self.mixer(h, v_first)
+            out, v_first, mix_state = self.mixer(h, v_first, mix_state)
         else:
-            out = self.mixer(h, ve)
+            out, mix_state = self.mixer(h, ve), None
         x = x + self.mix_scale.to(x.dtype) * out
-        y, aux_loss = run_ffn(self.mlp, self.ffn_kind, self._norm(x), self.moe_stats)
-        return x + self.mlp_scale.to(x.dtype) * y, v_first, aux_loss
+        y, aux_loss, ffn_state = run_ffn(self.mlp, self.ffn_kind, self._norm(x), self.moe_stats, ffn_state)
+        return x + self.mlp_scale.to(x.dtype) * y, v_first, aux_loss, (mix_state, ffn_state)
 
 
 class RWKVBlock(nn.Module):
@@ -188,7 +217,8 @@ class RWKVBlock(nn.Module):
         x = ln0(x) (layer 0);  x += att(ln1(x), v_first);  x += ffn(ln2(x))
 
     forward(x, x0, ve, v_first) -> (x, v_first, weighted MoE aux loss or None); x0 and ve are unused
-    (the signature is Block's)."""
+    (the signature is Block's). forward_stateful(x, x0, v_first, state) -> (x, v_first, new state),
+    state = ((att shift [B, C], WKV [B, H, N, N] fp32), channel-mix shift [B, C] or None)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, kind: str):
         super().__init__()
@@ -209,17 +239,28 @@ class RWKVBlock(nn.Module):
 
     def forward(self, x: Tensor, x0: Tensor | None = None, ve: Tensor | None = None,
                 v_first: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        x, v_first, aux_loss, _ = self._run(x, v_first, None)
+        return x, v_first, aux_loss
+
+    def forward_stateful(self, x: Tensor, x0: Tensor | None, v_first: Tensor | None, state: tuple | None):
+        x, v_first, _, new_state = self._run(x, v_first, state)
+        return x, v_first, new_state
+
+    def _run(self, x: Tensor, v_first: Tensor | None, state: tuple | None):
+        att_state, ffn_state = (None, None) if state is None else state
         if self.ln0 is not None:
             x = affine_layer_norm(x, self.ln0)
-        dx, v_first, _ = self.att(affine_layer_norm(x, self.ln1), v_first)
+        dx, v_first, att_state = self.att(affine_layer_norm(x, self.ln1), v_first, att_state)
         x = x + dx
-        y, aux_loss = run_ffn(self.ffn, self.ffn_kind, affine_layer_norm(x, self.ln2), self.moe_stats)
-        return x + y, v_first, aux_loss
+        y, aux_loss, ffn_state = run_ffn(self.ffn, self.ffn_kind, affine_layer_norm(x, self.ln2), self.moe_stats,
+                                         ffn_state)
+        return x + y, v_first, aux_loss, (att_state, ffn_state)
 
 
 class HybridGPT(nn.Module):
-    """forward(input_ids, target_ids) -> mean loss (+ MoE aux losses); forward_logits(input_ids) ->
-    (B, T, V) fp32 logits; expert_load_stats() / after_optimizer_step() for MoE layers."""
+    """forward(input_ids, target_ids) -> mean loss (+ MoE aux losses); forward_logits(input_ids, last=0)
+    -> (B, T or last, V) fp32 logits; forward_logits_stateful(input_ids, state) -> (logits, state) for
+    models without attention; expert_load_stats() / after_optimizer_step() for MoE layers."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -304,38 +345,68 @@ class HybridGPT(nn.Module):
             if cfg.ortho_init and min(module.proj.weight.shape) >= 64:
                 module.proj.weight.mul_(1.0 / math.sqrt(2 * cfg.num_layers))
 
-    def forward_with_aux(self, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
-        """[B, T] int ids -> ([B, T, V] float32 logits after the softcap, summed weighted MoE aux loss
-        (fp32 scalar) or None when the model has no MoE layer)."""
+    def _trunk(self, input_ids: Tensor, state: tuple | None = None,
+               carry: bool = False) -> tuple[Tensor, Tensor | None, tuple | None]:
+        """[B, T] ids -> (final-normed hidden [B, T, C], summed MoE aux loss or None, new state or None).
+        state None starts a fresh sequence; carry=True returns the state to continue it (see
+        `forward_logits_stateful`; attention layers carry none, the caller refuses them)."""
+        emb_state, block_states = (None, None) if state is None else state
         x = self.tok_emb(input_ids)  # (B, T, C)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids)
+            if emb_state is None:
+                x = x + self.bigram(input_ids)
+            else:  # the previous chunk's last id is this chunk's first "previous token"
+                x = x + self.bigram(torch.cat((emb_state[0], input_ids), dim=1))[:, 1:]
+        smear_in = x
         if not self.rwkv_style:  # RWKV blocks normalise the embedding with ln0 inside block 0
-            x = rms_norm(x)
+            x = smear_in = rms_norm(x)
             if self.smear is not None:
-                x = self.smear(x, input_ids)
+                if emb_state is None:
+                    x = self.smear(x, input_ids)
+                else:
+                    x = shifted_call(self.smear, x, emb_state[1], (emb_state[0], input_ids))
         x0 = x
         ve = self.ve(input_ids) if self.ve is not None else None  # (B, T, G*D)
         v_first: Tensor | None = None  # value of the first R layer (RWKV-7 value residual)
         aux_loss: Tensor | None = None
         skips: list[Tensor] = []
+        new_blocks: list[tuple] = []
         for i, block in enumerate(self.blocks):
             if self.skip_weights is not None and i >= self.num_encoder_layers and skips:
                 x = x + self.skip_weights[i - self.num_encoder_layers].to(x.dtype) * skips.pop()
-            x, v_first, aux = block(x, x0, ve if i in self.ve_layer_ids else None, v_first)
-            if aux is not None:
-                aux_loss = aux if aux_loss is None else aux_loss + aux
+            if carry:
+                s = None if block_states is None else block_states[i]
+                x, v_first, s = block.forward_stateful(x, x0, v_first, s)
+                new_blocks.append(s)
+            else:
+                x, v_first, aux = block(x, x0, ve if i in self.ve_layer_ids else None, v_first)
+                if aux is not None:
+                    aux_loss = aux if aux_loss is None else aux_loss + aux
             if i < self.num_encoder_layers:
                 skips.append(x)
         x = affine_layer_norm(x, self.ln_out) if self.ln_out is not None else rms_norm(x)
-        # Softcap in fp32 (the baseline applies it in the autocast dtype, then upcasts for the CE).
-        z = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()  # (B, T, V)
-        c = self.cfg.logit_softcap
-        return c * torch.tanh(z / c), aux_loss
+        new_state = ((input_ids[:, -1:], smear_in[:, -1]), new_blocks) if carry else None
+        return x, aux_loss, new_state
 
-    def forward_logits(self, input_ids: Tensor) -> Tensor:
-        """[B, T] int ids -> [B, T, V] float32 logits after the softcap (no aux loss)."""
-        return self.forward_with_aux(input_ids)[0]
+    def _head(self, x: Tensor) -> Tensor:
+        """Final-normed hidden [..., C] -> float32 logits after the softcap [..., V]."""
+        # Softcap in fp32 (the baseline applies it in the autocast dtype, then upcasts for the CE).
+        z = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()  # (..., V)
+        c = self.cfg.logit_softcap
+        return c * torch.tanh(z / c)
+
+    def forward_with_aux(self, input_ids: Tensor) -> tuple[Tensor, Tensor | None]:
+        """[B, T] int ids -> ([B, T, V] float32 logits after the softcap, summed weighted MoE aux loss
+        (fp32 scalar) or None when the model has no MoE layer)."""
+        x, aux_loss, _ = self._trunk(input_ids)
+        return self._head(x), aux_loss
+
+    def forward_logits(self, input_ids: Tensor, last: int = 0) -> Tensor:
+        """[B, T] int ids -> [B, T, V] float32 logits after the softcap (no aux loss). last > 0: only
+        the last `last` positions, [B, last, V]; the head, softcap and the caller's cross-entropy then
+        never touch the others (sliding-window eval scores only a window's tail)."""
+        x = self._trunk(input_ids)[0]
+        return self._head(x[:, -last:] if last > 0 else x)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
         """Mean next-token cross-entropy (nats) over all B·T positions, in fp32, plus the weighted MoE
@@ -343,6 +414,21 @@ class HybridGPT(nn.Module):
         logits, aux_loss = self.forward_with_aux(input_ids)
         loss = F.cross_entropy(logits.reshape(-1, logits.size(-1)), target_ids.reshape(-1), reduction="mean")
         return loss if aux_loss is None else loss + aux_loss
+
+    def check_stateful(self) -> None:
+        """`check_stateful(self.cfg)`: ValueError unless `forward_logits_stateful` is exact."""
+        check_stateful(self.cfg)
+
+    def forward_logits_stateful(self, input_ids: Tensor, state: tuple | None = None) -> tuple[Tensor, tuple]:
+        """Score a long stream chunk by chunk: [B, T] ids + the state returned for the previous chunk
+        (None: a fresh sequence) -> ([B, T, V] float32 logits, new state). Feeding consecutive chunks
+        with their returned state gives the logits of one forward over their concatenation (up to
+        float rounding), for any chunk lengths. Only for models whose mixers are all R or T
+        (`check_stateful`). The state is a pytree of tensors:
+        ((last id [B, 1], last embedding before SmearGate [B, C]), [per block (mixer state, FFN state)])."""
+        self.check_stateful()
+        x, _, new_state = self._trunk(input_ids, state, carry=True)
+        return self._head(x), new_state
 
     # ---- Mixture of Experts bookkeeping ---------------------------------------------------------
 
@@ -387,6 +473,18 @@ class HybridGPT(nn.Module):
             per_expert = sum(p.numel() for p in moe.experts[0].parameters())
             inactive += (moe.cfg.num_experts - moe.cfg.top_k) * per_expert
         return total, total - inactive
+
+
+def check_stateful(cfg: ModelConfig) -> None:
+    """Raise ValueError unless every sequence mixer of `cfg` carries its whole past in a fixed-size state
+    (R: WKV state + token shift; T: one token), i.e. unless `HybridGPT.forward_logits_stateful` is exact.
+    Attention (W, F) reads its past tokens themselves, which a chunk-to-chunk state cannot carry."""
+    attn = sorted({k for k in cfg.mixer_kinds if k not in "RT"})
+    if attn:
+        raise ValueError(
+            f"stateful evaluation needs every sequence mixer to be recurrent (R or T layers); layer pattern "
+            f"{cfg.layer_pattern!r} has attention layers {attn} (W = windowed, F = full), whose context "
+            f"cannot be carried across chunks: use sliding-window evaluation for this model")
 
 
 def count_params(model: nn.Module) -> int:

@@ -31,11 +31,11 @@ Presets (`MOE_PRESETS`):
   aux 0.01, dynamic RoPE θ = 5e5, untied, RMSNorm eps 1e-6. Unstated: KV heads -> 8 (GQA, our
   choice) and the dynamic factor -> 2.0. Computed: 32,465,096,704 total, 23,808,053,248 active.
 - "golf": ARCHS.md §4.a at sp1024 (11 L, C 512, 8/4 heads, tied V 1024; layer 0 dense leaky-relu²
-  1536; layers 1-10: one shared expert 384 + 4 routed × 256, top-1, sigmoid + bias balancing).
-  ffn_pattern "DMMMMMMMMMM". 25,198,080 params (17.3 M active); artifact estimate (`estimate_artifact_bytes`: 0.6 byte
-  per int6 matrix parameter after compression, ARCHS.md §0 measured 0.58; 1 byte per int8 embedding;
-  2 bytes per fp16 norm/router value) = 15,373,882 bytes, leaving ~0.6 MB for code. An estimate, not a
-  measured export. The shared expert is 384 rather than §4.a's 512, which estimates 16.16 MB.
+  1536; layers 1-10: one shared expert 256 + 4 routed × 192, top-1, sigmoid + bias balancing).
+  ffn_pattern "DMMMMMMMMMM". 21,265,920 params (15.4 M active). Sized by a measured pack of the
+  trainer's `--arch moe` (the same FFNs on the hybrid's mixers, 21,284,896 params): 15,235,774 model
+  bytes with int6 + zlib after 60 CPU training steps, 15,306,858 with the code (docs/PERF.md). §4.a's
+  shared 512 + routed 256 (25.2 M params) would be ≈ 17.9 MB at the measured ~0.71 byte/param.
 """
 
 from __future__ import annotations
@@ -273,14 +273,19 @@ def count_active_params(cfg: MoELMConfig, include_embeddings: bool = True) -> in
     return b["active"] - (0 if include_embeddings else b["embedding"] + b["head"])
 
 
+MATRIX_BYTES_PER_PARAM = 0.71  # int6 + zlib, measured (estimate_artifact_bytes)
+
+
 def estimate_artifact_bytes(cfg: MoELMConfig) -> int:
-    """Estimate (not a measurement) of the int6 artifact: 0.6 B per int6 matrix parameter after
-    compression (ARCHS.md §0 measured 0.58 incl. code), 1 B per int8 embedding/head value, 2 B per
-    fp16 norm gain / router value, 4 B per fp32 expert-bias entry. Code bytes are not included."""
+    """Estimate (not a measurement) of the int6 + zlib artifact: 0.71 B per int6 matrix parameter
+    (measured on the default hybrid and the golf MoE after 60 CPU training steps, docs/PERF.md; trained
+    and weight-decayed GPU weights compress further, ARCHS.md §0 reports 0.58 with zstd), 1 B per int8
+    embedding/head value, 2 B per fp16 norm gain / router value, 4 B per fp32 expert-bias entry. Code
+    bytes are not included."""
     b = param_breakdown(cfg)
     matrices = b["attention"] + b["dense_ffn"] + b["shared_experts"] + b["routed_experts"]
     n_moe = cfg.ffn_kinds.count("M")
-    return round(0.6 * matrices + b["embedding"] + b["head"] + 2 * (b["norms"] + b["routers"])
+    return round(MATRIX_BYTES_PER_PARAM * matrices + b["embedding"] + b["head"] + 2 * (b["norms"] + b["routers"])
                  + 4 * n_moe * cfg.moe.num_experts)
 
 
@@ -306,7 +311,7 @@ MOE_PRESETS: dict[str, MoELMConfig] = {
         vocab_size=1024, num_layers=11, model_dim=512, num_heads=8, num_kv_heads=4,
         max_position_embeddings=2048, tie_embeddings=True, ffn_pattern="D" + "M" * 10,
         dense_hidden=1536, dense_activation="leaky_relu2",
-        moe=MoEConfig(num_experts=4, top_k=1, expert_hidden=256, num_shared_experts=1, shared_hidden=384,
+        moe=MoEConfig(num_experts=4, top_k=1, expert_hidden=192, num_shared_experts=1, shared_hidden=256,
                       router="sigmoid", norm_topk_prob=False, aux_loss_coef=1e-4, balance_loss="sequence",
                       z_loss_coef=1e-3, bias_balancing=True, bias_update_rate=1e-3, activation="leaky_relu2"),
     ),

@@ -173,7 +173,7 @@ def is_matrix(name: str, p: Tensor) -> bool:
 # So: LoRA factors, vectors/norms/r_k and w0 are three Adam groups at scalar_lr without weight decay,
 # w0's at RWKV7_W0_LR_SCALE x scalar_lr. The names are hybrid/rwkv7.py's RWKV7_LORA_NAMES (repeated
 # here so that optim does not import the RWKV-7 module).
-RWKV7_LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
+RWKV7_LORA_PARAMS = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 RWKV7_DECAY_BIAS = "w0"
 RWKV7_W0_LR_SCALE = 2.0
 RWKV7_ROLES = ("lora", "vector", "w0")  # the Adam groups, in this order after the generic scalars
@@ -187,7 +187,7 @@ def rwkv7_roles(model: torch.nn.Module) -> dict[str, str]:
         if getattr(module, "optim_recipe", None) != "rwkv7" and not isinstance(module, torch.nn.LayerNorm):
             continue
         for leaf, _ in module.named_parameters(recurse=False):
-            role = "lora" if leaf in RWKV7_LORA_NAMES else "w0" if leaf == RWKV7_DECAY_BIAS else "vector"
+            role = "lora" if leaf in RWKV7_LORA_PARAMS else "w0" if leaf == RWKV7_DECAY_BIAS else "vector"
             roles[f"{prefix}.{leaf}" if prefix else leaf] = role
     return roles
 

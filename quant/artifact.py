@@ -2,26 +2,34 @@
 
 How this works
 --------------
-    prefix (27 bytes, little-endian): magic b"GOLFQNT\\x00" | u16 version | u8 compressor id
-                                       | u64 raw payload length | u32 CRC-32 of the raw payload
-                                       | u32 CRC-32 of the whole file except these 4 bytes
-    compressed raw payload          : u32 JSON length | UTF-8 JSON header | data section
+Version 2 (written here) is quant/container.py's prefix and section table, then the sections, each
+compressed on its own with its own compressor and byte transform:
 
-The JSON header lists every tensor (name, shape, original dtype, precision kind, bits, storage and
-the byte ranges of its data and, for int tensors, its fp16 row scales inside the data section).
-Int tensors use the grid of quant/int6.py; their values are stored one int8 per value, or bit-packed
-LSB-first (`pack_bits`) when the artifact says `"bitpack": true`. The data section is grouped by
-storage type (int payloads, then fp16, fp32, raw bytes) because like bytes next to like bytes
-compress better.
+    section 0         UTF-8 JSON header: every tensor's name, shape, original dtype, precision kind,
+                      bits, storage, and the byte ranges of its data (and, for int tensors, its fp16
+                      row scales) in the data area
+    sections 1..n-1   the data area, cut by storage and tensor group, in this order: one section
+                      per (bits, group) of int values ("int6.mlp", "int6.attn", "int8.embed", ...),
+                      then "scales" (all fp16 row scales), "fp16", "fp32", "raw"; empty ones are left out
+
+Like bytes next to like bytes compress better, and separate sections let `compressor="auto"` keep,
+for each section, the smallest of every available compressor x byte transform (a byte shuffle for
+the fp16 and fp32 sections, kept when it shrinks them) x int storage (one int8 per value, or
+bit-packed LSB-first when `bitpack="auto"`). Int tensors use the grid of quant/int6.py, or values a
+caller quantized itself (`prequantized`, e.g. GPTQ), checked against that grid.
+
+Version 1 (read only) is the prefix and one compressed stream: u32 JSON length | JSON header | data
+area, with one artifact-wide int storage (`"bitpack"`).
 
 Reading is defensive: nothing is unpickled; the file CRC is checked before anything is decompressed;
-decompression never produces more than the declared raw length (which itself must be <=
-`max_raw_bytes`); the raw CRC, the JSON schema, every byte range (in bounds, tiling the data section
-exactly) and every value range (grid bounds, finite floats) are checked; any failure raises
-`ArtifactError("<source>: <reason>")`.
+no section decompresses past its declared raw length, and the declared total must be <=
+`max_raw_bytes`; every section's raw CRC, the JSON schema, every byte range (in bounds, inside one
+section, tiling the data area exactly) and every value (grid bounds, finite floats) are checked; any
+failure raises `ArtifactError("<source>: <reason>")`.
 """
 from __future__ import annotations
 
+import bisect
 import json
 import os
 import struct
@@ -33,23 +41,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from quant.codec import COMPRESSORS, available_compressors, compress_bytes, decompress_bytes, pack_bits, unpack_bits
+from quant.codec import available_compressors, pack_bits, unpack_bits
+from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section, open_v1, open_v2,
+                             read_prefix, read_table, seal_sections, smallest_sections)
+from quant.container import MAGIC, seal  # noqa: F401  re-exported: callers import them from here
 from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax, quantize_rows
-from quant.policy import is_embedding_name
+from quant.policy import is_embedding_name, tensor_group
 
-MAGIC = b"GOLFQNT\x00"
-FORMAT_VERSION = 1
-# magic, version, compressor id, raw length, CRC-32 of the raw payload, CRC-32 of the file (all bytes
-# but this field). The file CRC catches every change of up to 32 consecutive bits anywhere, including
-# bits a decompressor ignores (deflate padding, brotli/zstd header slack) that the raw CRC cannot see.
-PREFIX = struct.Struct("<8sHBQII")
-_FILE_CRC_AT = PREFIX.size - 4
-_COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
+FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 1 << 24
 MAX_TENSORS = 1 << 16
 MAX_NDIM = 8
-HEADER_KEYS = {"format", "version", "bitpack", "tensors"}
+MAX_SECTION_NAME = 64
+HEADER_KEYS = {1: {"format", "version", "bitpack", "tensors"}, 2: {"format", "version", "sections", "tensors"}}
 ENTRY_KEYS = {"name", "shape", "dtype", "kind", "bits", "storage", "data", "scale"}
+# Byte transforms tried per data section kind (measured in docs/ARTIFACT.md §9; int values gain nothing).
+SECTION_TRANSFORMS = {"scales": ("none", "shuffle2"), "fp16": ("none", "shuffle2"), "fp32": ("none", "shuffle4")}
+_SECTION_RANK = {"int": 0, "scales": 1, "fp16": 2, "fp32": 3, "raw": 4}
 
 # Stored element types: name -> (numpy little-endian dtype, torch dtype). bfloat16 has no numpy type
 # and travels as its int16 bit pattern.
@@ -63,24 +71,41 @@ _TORCH_NAMES = {tdt: name for name, (_, tdt) in _DTYPES.items()}
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 
 
-class ArtifactError(ValueError):
-    """A malformed, truncated, corrupted or hostile artifact; the message starts with its source."""
-
-
 # ----------------------------------------------------------------------------- writing
 
-def _encode(name: str, t: Tensor, precision, bitpack: bool) -> tuple[dict, dict[str, bytes]]:
-    """(entry without offsets, {"data": bytes, "scale": bytes?}) for one tensor."""
+def _prequantized(name: str, t: Tensor, bits: int, given) -> tuple[Tensor, Tensor]:
+    """(q int8, scale fp16) given for `name`, validated against the tensor and the int`bits` grid."""
+    if not (isinstance(given, (tuple, list)) and len(given) == 2 and all(isinstance(x, Tensor) for x in given)):
+        raise ValueError(f"{name}: prequantized value must be a (q, scale) pair of tensors")
+    q, s = (x.detach().cpu() for x in given)
+    if q.dtype.is_floating_point or q.dtype.is_complex or q.dtype == torch.bool or tuple(q.shape) != tuple(t.shape):
+        raise ValueError(f"{name}: prequantized q must be an integer tensor of shape {tuple(t.shape)}, "
+                         f"got {q.dtype} {tuple(q.shape)}")
+    qm = qmax(bits)
+    if q.numel() and (int(q.min()) < -qm or int(q.max()) > qm):
+        raise ValueError(f"{name}: prequantized q has values outside the int{bits} grid [-{qm}, {qm}]")
+    if s.dtype != torch.float16 or tuple(s.shape) != (t.shape[0],):
+        raise ValueError(f"{name}: prequantized scale must be float16 of shape ({t.shape[0]},), "
+                         f"got {s.dtype} {tuple(s.shape)}")
+    if not bool((torch.isfinite(s) & (s >= FP16_MIN_NORMAL)).all()):
+        raise ValueError(f"{name}: prequantized scales must be finite fp16 >= 2**-14 (normal, positive)")
+    return q.to(torch.int8), s
+
+
+def _encode(name: str, t: Tensor, precision, given) -> tuple[dict, str, np.ndarray | bytes, bytes | None]:
+    """(entry without storage and offsets, section, data, fp16 scale bytes or None) for one tensor;
+    data is an int8 array of grid values for int tensors, else the stored bytes."""
     kind, bits = precision[0], int(precision[1])
     dtype = _TORCH_NAMES.get(t.dtype)
     if dtype is None:
         raise ValueError(f"{name}: dtype {t.dtype} cannot be stored")
     entry = {"name": name, "shape": list(t.shape), "dtype": dtype, "kind": kind, "bits": 0, "scale": None}
+    if given is not None and kind != "int":
+        raise ValueError(f"{name}: prequantized values given, but its precision is {kind!r}, not 'int'")
     if kind == "raw":
-        np_dtype, _ = _DTYPES[dtype]
-        view = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
         entry["storage"] = dtype
-        return entry, {"data": view.numpy().astype(np_dtype).tobytes()}
+        view = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+        return entry, "raw", view.numpy().astype(_DTYPES[dtype][0]).tobytes(), None
     if kind not in ("int", "fp16", "fp32"):
         raise ValueError(f"{name}: unknown precision kind {kind!r}")
     if not t.is_floating_point():
@@ -92,99 +117,122 @@ def _encode(name: str, t: Tensor, precision, bitpack: bool) -> tuple[dict, dict[
         if not bool(torch.isfinite(h).all()):
             raise ValueError(f"{name}: values beyond the fp16 range (|x| > 65504)")
         entry["storage"] = "float16"
-        return entry, {"data": h.numpy().astype("<f2").tobytes()}
+        return entry, "fp16", h.numpy().astype("<f2").tobytes(), None
     if kind == "fp32":
         entry["storage"] = "float32"
-        return entry, {"data": t.float().numpy().astype("<f4").tobytes()}
+        return entry, "fp32", t.float().numpy().astype("<f4").tobytes(), None
     if t.ndim != 2:
         raise ValueError(f"{name}: int precision needs a 2-D tensor, got shape {tuple(t.shape)}")
-    q, s = quantize_rows(t, bits)
+    if given is not None:
+        q, s = _prequantized(name, t, bits, given)
+    elif len(precision) > 2 and precision[2] != "mse":  # a clip mode other than the default search
+        q, s = quantize_rows(t, bits, precision[2], float(precision[3]))
+    else:
+        q, s = quantize_rows(t, bits)
     entry["bits"] = bits
-    entry["storage"] = "packed" if bitpack else "int8"
-    data = pack_bits(q, bits) if bitpack else q.numpy().tobytes()
-    return entry, {"data": data, "scale": s.numpy().astype("<f2").tobytes()}
+    return entry, f"int{bits}.{tensor_group(name, t)}", q.numpy(), s.numpy().astype("<f2").tobytes()
 
 
-def _section(entry: dict, part: str) -> int:
-    """Data-section group of one byte range: int payloads, then fp16 (scales too), fp32, raw."""
-    if part == "scale" or entry["storage"] == "float16":
-        return 1
-    return {"int8": 0, "packed": 0, "float32": 2}.get(entry["storage"], 3)
+def _section_kind(section: str) -> str:
+    return "int" if section.startswith("int") else section
+
+
+def _candidates(kind: str, pieces: list, bits: int, storages: tuple[str, ...], compressors: list[str],
+                transforms: bool) -> tuple[list[tuple[bytes, str, str]], list[tuple[str, list[int]]]]:
+    """Candidate (raw, compressor, transform) encodings of one data section, and per candidate its
+    int storage and the byte length of each piece."""
+    variants = []
+    for storage in (storages if kind == "int" else ("",)):
+        blobs = ([pack_bits(p, bits) if storage == "packed" else p.tobytes() for p in pieces]
+                 if kind == "int" else pieces)
+        variants.append((storage, [len(b) for b in blobs], b"".join(blobs)))
+    cands, meta = [], []
+    for storage, lengths, raw in variants:
+        for transform in (SECTION_TRANSFORMS.get(kind, ("none",)) if transforms else ("none",)):
+            for comp in compressors:
+                cands.append((raw, comp, transform))
+                meta.append((storage, lengths))
+    return cands, meta
 
 
 def pack_model(state_dict: dict[str, Tensor], precision_fn: Callable, compressor: str = "zlib",
-               bitpack: bool = False, level: int | None = None) -> bytes:
-    """Quantize a state dict with `precision_fn(name, tensor) -> Precision` and return the artifact.
+               bitpack: bool | str = False, level: int | None = None,
+               prequantized: dict[str, tuple[Tensor, Tensor]] | None = None, transforms: bool = True) -> bytes:
+    """Quantize a state dict with `precision_fn(name, tensor) -> Precision` and return the artifact
+    (format version 2).
 
-    compressor: "zlib" (level 9), "zstd" (22), "lzma" (preset 9 | extreme), "brotli" (quality 11) or
-    "auto" (every available one, keep the smallest; ties go to the earlier in COMPRESSORS). `level`
-    overrides the compressor's level (ignored by "auto").
+    compressor: "zlib" (level 9), "zstd" (22), "lzma" (preset 9 | extreme) or "brotli" (quality 11)
+    for every section, or "auto": per section, every available compressor, keeping the smallest
+    (ties go to the earlier in COMPRESSORS). `level` overrides a named compressor's level (ignored
+    by "auto"). bitpack: False (one int8 per value), True (bit-packed) or "auto" (per int section,
+    the smaller). transforms: try the byte shuffle on fp16/fp32 sections (kept only if smaller).
+    prequantized: {name: (q [R, C] ints on the grid, scale fp16 [R])} used for those int tensors
+    instead of quant/int6.py's rounding; ValueError if malformed or not an int tensor.
     """
-    entries, pieces = [], [[], [], [], []]
+    if compressor == "auto":
+        compressors, level = available_compressors(), None
+    elif compressor in available_compressors():
+        compressors = [compressor]
+    else:
+        raise ValueError(f"compressor {compressor!r} is unknown or not installed; "
+                         f"available: {available_compressors()} or 'auto'")
+    if bitpack not in (False, True, "auto"):
+        raise ValueError(f"bitpack must be False, True or 'auto', got {bitpack!r}")
+    storages = {False: ("int8",), True: ("packed",), "auto": ("int8", "packed")}[bitpack]
+    prequantized = dict(prequantized or {})
+    unknown = sorted(set(prequantized) - set(state_dict))
+    if unknown:
+        raise ValueError(f"prequantized names not in the state dict: {unknown[:5]}")
+    entries, sections = [], {}  # section name -> [(entry, "data" or "scale", piece)]
     for name, tensor in state_dict.items():
         if not isinstance(name, str) or not isinstance(tensor, Tensor):
             raise TypeError(f"state dict entries must be str -> Tensor, got {name!r}: {type(tensor).__name__}")
         t = tensor.detach().cpu().contiguous()
-        entry, blobs = _encode(name, t, precision_fn(name, t), bitpack)
+        entry, section, data, scale = _encode(name, t, precision_fn(name, t), prequantized.get(name))
         entries.append(entry)
-        for part, blob in blobs.items():
-            pieces[_section(entry, part)].append((entry, part, blob))
-    offset, chunks = 0, []
-    for group in pieces:
-        for entry, part, blob in group:
-            entry[part] = [offset, len(blob)]
-            chunks.append(blob)
-            offset += len(blob)
-    header = {"format": "golf-quant", "version": FORMAT_VERSION, "bitpack": bool(bitpack), "tensors": entries}
+        sections.setdefault(section, []).append((entry, "data", data))
+        if scale is not None:
+            sections.setdefault("scales", []).append((entry, "scale", scale))
+    names = list(sections)
+    order = sorted((s for s in names if any(np.asarray(p).nbytes for _, _, p in sections[s])),  # no empty ones
+                   key=lambda s: (_SECTION_RANK[_section_kind(s)], names.index(s)))
+    jobs, metas = [], []
+    for s in order:
+        kind = _section_kind(s)
+        bits = int(s[3:s.index(".")]) if kind == "int" else 0
+        cands, meta = _candidates(kind, [p for _, _, p in sections[s]], bits, storages, compressors, transforms)
+        jobs.append(cands)
+        metas.append(meta)
+    offset, raws, encoded = 0, [], []
+    for s, job, meta, (i, sec) in zip(order, jobs, metas, smallest_sections(jobs, level)):
+        storage, lengths = meta[i]
+        for (entry, part, _), length in zip(sections[s], lengths):
+            entry[part] = [offset, length]
+            offset += length
+            if part == "data" and entry["kind"] == "int":
+                entry["storage"] = storage
+        raws.append(job[i][0])
+        encoded.append(sec)
+    for entry in entries:  # tensors with no bytes (a zero dim) sit in no section
+        entry["storage"] = entry.get("storage", storages[0])
+        for part in ("data",) + (("scale",) if entry["kind"] == "int" else ()):
+            entry[part] = entry.get(part, [0, 0])
+    header = {"format": "golf-quant", "version": FORMAT_VERSION, "sections": order, "tensors": entries}
     header_bytes = json.dumps(header, separators=(",", ":"), sort_keys=True).encode("utf-8")
-    raw = b"".join([struct.pack("<I", len(header_bytes)), header_bytes, *chunks])
-    crc = zlib.crc32(raw)
-    if compressor == "auto":
-        candidates = [(len(c), i, name, c) for i, name in enumerate(available_compressors())
-                      for c in [compress_bytes(raw, name, None)]]
-        _, _, compressor, payload = min(candidates)
-    else:
-        if compressor not in available_compressors():
-            raise ValueError(f"compressor {compressor!r} is unknown or not installed; "
-                             f"available: {available_compressors()} or 'auto'")
-        payload = compress_bytes(raw, compressor, level)
-    return seal(MAGIC, FORMAT_VERSION, COMPRESSORS[compressor], len(raw), crc, payload)
-
-
-def seal(magic: bytes, version: int, compressor_id: int, raw_len: int, raw_crc: int, payload: bytes) -> bytes:
-    """Prefix + payload with the file CRC filled in (also used by tests to forge well-sealed files)."""
-    head = PREFIX.pack(magic, version, compressor_id, raw_len, raw_crc, 0)[:_FILE_CRC_AT]
-    return head + struct.pack("<I", zlib.crc32(payload, zlib.crc32(head))) + payload
+    [(_, head)] = smallest_sections([[(header_bytes, c, "none") for c in compressors]], level)
+    crc = 0
+    for raw in [header_bytes, *raws]:
+        crc = zlib.crc32(raw, crc)
+    return seal_sections([head, *encoded], crc)
 
 
 # ----------------------------------------------------------------------------- reading
 
-def _read_prefix(blob: bytes, source: str, check_file_crc: bool = True) -> tuple[str, int, int]:
-    """(compressor name, raw length, raw crc) from the fixed prefix, validated (and the file CRC)."""
-    if not isinstance(blob, (bytes, bytearray, memoryview)):
-        raise ArtifactError(f"{source}: expected bytes, got {type(blob).__name__}")
-    if len(blob) < PREFIX.size:
-        raise ArtifactError(f"{source}: truncated: {len(blob)} bytes, the fixed prefix alone is {PREFIX.size}")
-    magic, version, comp_id, raw_len, crc, file_crc = PREFIX.unpack_from(blob, 0)
-    if magic != MAGIC:
-        raise ArtifactError(f"{source}: bad magic {magic!r}: not a golf quant artifact")
-    if version != FORMAT_VERSION:
-        raise ArtifactError(f"{source}: unsupported format version {version} (this reader knows {FORMAT_VERSION})")
-    if check_file_crc:
-        view = memoryview(blob)
-        if zlib.crc32(view[PREFIX.size:], zlib.crc32(view[:_FILE_CRC_AT])) != file_crc:
-            raise ArtifactError(f"{source}: file CRC-32 mismatch: the file is truncated or corrupted")
-    name = _COMPRESSOR_NAMES.get(comp_id)
-    if name is None:
-        raise ArtifactError(f"{source}: unknown compressor id {comp_id}")
-    if name not in available_compressors():
-        raise ArtifactError(f"{source}: compressor {name} is not installed here")
-    return name, raw_len, crc
-
-
 def blob_compressor(blob: bytes, source: str = "<artifact>") -> str:
-    """Name of the compressor an artifact was written with (reads the prefix only)."""
-    return _read_prefix(blob, source, check_file_crc=False)[0]
+    """The compressor an artifact was written with, from its prefix: a name, or "mixed" for a
+    version-2 file whose sections use different compressors."""
+    prefix = read_prefix(blob, source, check_file_crc=False)
+    return "mixed" if prefix.compressor_id == MIXED else COMPRESSOR_NAMES[prefix.compressor_id]
 
 
 def _is_int(x) -> bool:
@@ -197,13 +245,13 @@ def _range(entry: dict, key: str, data_len: int, expect: int, where: str) -> tup
         raise ValueError(f"{where}: {key} must be [offset, length] of non-negative ints, got {r!r}")
     off, length = r
     if off + length > data_len:
-        raise ValueError(f"{where}: {key} bytes [{off}, {off + length}) run past the data section ({data_len} bytes)")
+        raise ValueError(f"{where}: {key} bytes [{off}, {off + length}) run past the data area ({data_len} bytes)")
     if length != expect:
         raise ValueError(f"{where}: {key} has {length} bytes but its shape and storage need {expect}")
     return off, length
 
 
-def _check_entry(e, i: int, data_len: int, bitpack: bool) -> list[tuple[int, int]]:
+def _check_entry(e, i: int, data_len: int, int_storages: tuple[str, ...]) -> list[tuple[int, int]]:
     """Validate one header entry in place; returns its byte ranges."""
     if not isinstance(e, dict) or set(e) != ENTRY_KEYS:
         raise ValueError(f"tensor #{i}: entry must be an object with keys {sorted(ENTRY_KEYS)}")
@@ -223,11 +271,10 @@ def _check_entry(e, i: int, data_len: int, bitpack: bool) -> list[tuple[int, int
     if kind == "int":
         if dtype not in _FLOAT_NAMES or len(shape) != 2 or shape[1] == 0 or not 2 <= bits <= 8:
             raise ValueError(f"{where}: an int tensor needs a float dtype, shape [R, C>0] and bits 2..8")
-        if storage != ("packed" if bitpack else "int8"):
-            raise ValueError(f"{where}: storage {storage!r} disagrees with bitpack={bitpack}")
-        expect = (numel * bits + 7) // 8 if bitpack else numel
-        ranges = [_range(e, "data", data_len, expect, where), _range(e, "scale", data_len, 2 * shape[0], where)]
-        return ranges
+        if storage not in int_storages:
+            raise ValueError(f"{where}: storage {storage!r} is not one of {int_storages}")
+        expect = (numel * bits + 7) // 8 if storage == "packed" else numel
+        return [_range(e, "data", data_len, expect, where), _range(e, "scale", data_len, 2 * shape[0], where)]
     expected_storage = {"fp16": "float16", "fp32": "float32", "raw": dtype}.get(kind)
     if expected_storage is None:
         raise ValueError(f"{where}: unknown kind {kind!r}")
@@ -239,62 +286,65 @@ def _check_entry(e, i: int, data_len: int, bitpack: bool) -> list[tuple[int, int
     return [_range(e, "data", data_len, numel * itemsize, where)]
 
 
-def _parse_header(raw: bytes) -> tuple[dict, int]:
-    """(validated header, offset of the data section) from the raw payload; ValueError otherwise."""
-    if len(raw) < 4:
-        raise ValueError("raw payload too short for the header length")
-    (hlen,) = struct.unpack_from("<I", raw, 0)
-    if hlen > MAX_HEADER_BYTES or 4 + hlen > len(raw):
-        raise ValueError(f"header length {hlen} exceeds the payload or the {MAX_HEADER_BYTES}-byte limit")
-    header = json.loads(raw[4:4 + hlen].decode("utf-8"))
-    if not isinstance(header, dict) or set(header) != HEADER_KEYS:
-        raise ValueError(f"header must be an object with keys {sorted(HEADER_KEYS)}")
-    if header["format"] != "golf-quant" or header["version"] != FORMAT_VERSION:
+def _check_header(header_bytes, version: int, bounds: list[int]) -> dict:
+    """The validated header. `bounds` are the data sections' end offsets in the data area (version 1:
+    one section); every byte range must lie inside one section, and together they tile the area."""
+    header = json.loads(bytes(header_bytes).decode("utf-8"))
+    if not isinstance(header, dict) or set(header) != HEADER_KEYS[version]:
+        raise ValueError(f"header must be an object with keys {sorted(HEADER_KEYS[version])}")
+    if header["format"] != "golf-quant" or header["version"] != version:
         raise ValueError(f"header format/version {header['format']!r}/{header['version']!r} not supported")
-    if not isinstance(header["bitpack"], bool) or not isinstance(header["tensors"], list):
-        raise ValueError("header bitpack must be a bool and tensors a list")  # noqa: TRY004
-    if len(header["tensors"]) > MAX_TENSORS:
-        raise ValueError(f"more than {MAX_TENSORS} tensors")
-    data_start = 4 + hlen
-    data_len = len(raw) - data_start
-    ranges, names = [], set()
+    if not isinstance(header["tensors"], list) or len(header["tensors"]) > MAX_TENSORS:
+        raise ValueError(f"header tensors must be a list of at most {MAX_TENSORS} entries")
+    if version == 1:
+        if not isinstance(header["bitpack"], bool):
+            raise ValueError("header bitpack must be a bool")
+        storages = ("packed",) if header["bitpack"] else ("int8",)
+    else:
+        names = header["sections"]
+        if not (isinstance(names, list) and len(names) == len(bounds) and len(set(names)) == len(names)
+                and all(isinstance(n, str) and 0 < len(n) <= MAX_SECTION_NAME for n in names)):
+            raise ValueError(f"header sections must be {len(bounds)} unique names of 1..{MAX_SECTION_NAME} chars")
+        storages = ("int8", "packed")
+    data_len = bounds[-1] if bounds else 0
+    ranges, seen = [], set()
     for i, e in enumerate(header["tensors"]):
-        ranges += _check_entry(e, i, data_len, header["bitpack"])
-        if e["name"] in names:
+        ranges += _check_entry(e, i, data_len, storages)
+        if e["name"] in seen:
             raise ValueError(f"tensor {e['name']!r} appears twice")
-        names.add(e["name"])
-    # The byte ranges must tile the data section exactly: no overlaps, no gaps, nothing trailing.
+        seen.add(e["name"])
     pos = 0
     for off, length in sorted(ranges):
         if off != pos:
-            raise ValueError(f"data section byte ranges overlap or leave a gap at offset {min(off, pos)}")
+            raise ValueError(f"data area byte ranges overlap or leave a gap at offset {min(off, pos)}")
+        if length and off + length > bounds[bisect.bisect_right(bounds, off)]:
+            raise ValueError(f"byte range [{off}, {off + length}) crosses a section boundary")
         pos += length
     if pos != data_len:
-        raise ValueError(f"data section has {data_len - pos} bytes not covered by any tensor")
-    return header, data_start
+        raise ValueError(f"data area has {data_len - pos} bytes not covered by any tensor")
+    return header
 
 
-def _array(raw: bytes, start: int, r: list, np_dtype: str) -> np.ndarray:
-    return np.frombuffer(raw, dtype=np_dtype, count=r[1] // np.dtype(np_dtype).itemsize, offset=start + r[0]).copy()
+def _array(data, r: list, np_dtype: str) -> np.ndarray:
+    return np.frombuffer(data, dtype=np_dtype, count=r[1] // np.dtype(np_dtype).itemsize, offset=r[0]).copy()
 
 
-def _decode(e: dict, raw: bytes, start: int, bitpack: bool) -> Tensor:
+def _decode(e: dict, data) -> Tensor:
     shape, kind, dtype = e["shape"], e["kind"], e["dtype"]
     out_dtype = _DTYPES[dtype][1]
     if kind == "int":
         bits, qm = e["bits"], qmax(e["bits"])
-        if bitpack:
-            q = unpack_bits(memoryview(raw)[start + e["data"][0]:start + sum(e["data"])], bits, shape[0] * shape[1])
+        if e["storage"] == "packed":
+            q = unpack_bits(data[e["data"][0]:sum(e["data"])], bits, shape[0] * shape[1])
         else:
-            q = _array(raw, start, e["data"], "|i1")
+            q = _array(data, e["data"], "|i1")
         if q.size and (q.min() < -qm or q.max() > qm):
             raise ValueError(f"tensor {e['name']!r}: values outside the int{bits} grid [-{qm}, {qm}]")
-        s = _array(raw, start, e["scale"], "<f2")
+        s = _array(data, e["scale"], "<f2")
         if not (np.isfinite(s).all() and (s >= FP16_MIN_NORMAL).all()):
             raise ValueError(f"tensor {e['name']!r}: row scales must be finite and >= {FP16_MIN_NORMAL}")
-        q_t = torch.from_numpy(q).reshape(shape)
-        return dequantize_rows(q_t, torch.from_numpy(s), dtype=out_dtype)
-    a = _array(raw, start, e["data"], _DTYPES[e["storage"]][0])
+        return dequantize_rows(torch.from_numpy(q).reshape(shape), torch.from_numpy(s), dtype=out_dtype)
+    a = _array(data, e["data"], _DTYPES[e["storage"]][0])
     if kind in ("fp16", "fp32"):
         if not np.isfinite(a).all():
             raise ValueError(f"tensor {e['name']!r}: non-finite values")
@@ -305,27 +355,85 @@ def _decode(e: dict, raw: bytes, start: int, bitpack: bool) -> Tensor:
     return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).reshape(shape)
 
 
+def _v1_parts(raw: bytes) -> tuple[memoryview, memoryview]:
+    """(JSON header bytes, data area) of a version-1 raw payload."""
+    (hlen,) = struct.unpack_from("<I", raw, 0)
+    if hlen > MAX_HEADER_BYTES or 4 + hlen > len(raw):
+        raise ValueError(f"header length {hlen} exceeds the payload or the {MAX_HEADER_BYTES}-byte limit")
+    view = memoryview(raw)
+    return view[4:4 + hlen], view[4 + hlen:]
+
+
+def _v2_table(blob, prefix, source: str, max_raw_bytes: int) -> list:
+    table = read_table(blob, prefix, source, max_raw_bytes)
+    if table[0].raw_len > MAX_HEADER_BYTES:
+        raise ArtifactError(f"{source}: header section of {table[0].raw_len} bytes, above {MAX_HEADER_BYTES}")
+    return table
+
+
+def _ends(lengths) -> list[int]:
+    ends, pos = [], 0
+    for n in lengths:
+        pos += n
+        ends.append(pos)
+    return ends
+
+
 def unpack_model(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = 1 << 31) -> dict[str, Tensor]:
-    """Artifact bytes -> {name: tensor}: dequantized floats in their original dtype, raw tensors exact.
-    Any malformed input raises ArtifactError naming `source`."""
-    name, raw_len, crc = _read_prefix(blob, source)
-    if raw_len > max_raw_bytes:
-        raise ArtifactError(f"{source}: declares {raw_len} raw bytes, above the {max_raw_bytes}-byte limit")
-    if raw_len < 4:
-        raise ArtifactError(f"{source}: declares {raw_len} raw bytes, too few for a header")
+    """Artifact bytes (version 1 or 2) -> {name: tensor}: dequantized floats in their original dtype,
+    raw tensors exact. Any malformed input raises ArtifactError naming `source`."""
+    prefix = read_prefix(blob, source)
+    if prefix.version == 1:
+        raw = open_v1(blob, prefix, source, max_raw_bytes)
+    else:
+        raws = open_v2(blob, prefix, _v2_table(blob, prefix, source, max_raw_bytes), source)
     try:
-        raw = decompress_bytes(bytes(blob[PREFIX.size:]), name, raw_len)
-    except Exception as exc:  # noqa: BLE001  every decoder has its own exception types; all mean a bad stream
-        raise ArtifactError(f"{source}: {name} payload does not decompress: {type(exc).__name__}: {exc}") from None
-    if len(raw) != raw_len:
-        raise ArtifactError(f"{source}: payload decompresses to {len(raw)} bytes, the prefix says {raw_len}")
-    if zlib.crc32(raw) != crc:
-        raise ArtifactError(f"{source}: raw payload CRC-32 mismatch: the decompressor output is corrupted")
-    try:
-        header, start = _parse_header(raw)
-        return {e["name"]: _decode(e, raw, start, header["bitpack"]) for e in header["tensors"]}
+        if prefix.version == 1:
+            header_bytes, data = _v1_parts(raw)
+            bounds = [len(data)]
+        else:
+            header_bytes, data, bounds = raws[0], b"".join(raws[1:]), _ends(len(r) for r in raws[1:])
+        header = _check_header(header_bytes, prefix.version, bounds)
+        return {e["name"]: _decode(e, data) for e in header["tensors"]}
     except Exception as exc:  # noqa: BLE001  schema and value checks raise ValueError; the net also catches the rest
         raise ArtifactError(f"{source}: bad header or data: {type(exc).__name__}: {exc}") from None
+
+
+def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = 1 << 31) -> list[dict]:
+    """One row per section, for size logs: name, compressor, transform, raw_bytes, compressed_bytes,
+    tensors (those with bytes in it) and params (elements of the tensors whose values are in it).
+    Version 2 decompresses only the header; version 1 is one section, "payload". The file is
+    len(blob) = 29 + 24 * len(rows) + the compressed bytes (version 1: 27 + compressed bytes)."""
+    prefix = read_prefix(blob, source)
+    if prefix.version == 1:
+        raw = open_v1(blob, prefix, source, max_raw_bytes)
+        rows = [{"name": "payload", "compressor": COMPRESSOR_NAMES[prefix.compressor_id], "transform": "none",
+                 "raw_bytes": prefix.raw_len, "compressed_bytes": len(blob) - PREFIX.size}]
+    else:
+        table = _v2_table(blob, prefix, source, max_raw_bytes)
+        raw = decode_section(blob, table[0], 0, source)
+        rows = [{"name": "header", "compressor": e.compressor, "transform": e.transform, "raw_bytes": e.raw_len,
+                 "compressed_bytes": e.comp_len} for e in table]
+    try:
+        if prefix.version == 1:
+            header_bytes, data = _v1_parts(raw)
+            bounds, first = [len(data)], 0
+        else:
+            header_bytes, bounds, first = raw, _ends(e.raw_len for e in table[1:]), 1
+        header = _check_header(header_bytes, prefix.version, bounds)
+    except Exception as exc:  # noqa: BLE001
+        raise ArtifactError(f"{source}: bad header: {type(exc).__name__}: {exc}") from None
+    for i, row in enumerate(rows):
+        row.update(tensors=0, params=0)
+        if prefix.version == 2 and i > 0:
+            row["name"] = header["sections"][i - 1]
+    for e in header["tensors"]:
+        where = {first + bisect.bisect_right(bounds, e[k][0]) for k in ("data", "scale") if e[k] and e[k][1]}
+        for i in where:
+            rows[i]["tensors"] += 1
+        if e["data"][1]:
+            rows[first + bisect.bisect_right(bounds, e["data"][0])]["params"] += int(np.prod(e["shape"]))
+    return rows
 
 
 def read_artifact(path, max_bytes: int = 1 << 31) -> bytes:
@@ -353,7 +461,8 @@ def write_artifact(path, blob: bytes) -> int:
 
 def artifact_breakdown(state_dict: dict[str, Tensor], precision_fn: Callable) -> dict[str, dict[str, int]]:
     """Per group ("embeddings", "matrices", "passthrough"): tensors, params, and uncompressed bytes
-    as stored one int8 per value (`raw_bytes`) and bit-packed (`packed_bytes`), scales included."""
+    as stored one int8 per value (`raw_bytes`) and bit-packed (`packed_bytes`), scales included.
+    (Compressed bytes per section of a written artifact: `artifact_sections`.)"""
     groups = {g: {"tensors": 0, "params": 0, "raw_bytes": 0, "packed_bytes": 0}
               for g in ("embeddings", "matrices", "passthrough")}
     for name, t in state_dict.items():

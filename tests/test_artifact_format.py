@@ -1,6 +1,7 @@
 """quant/artifact.py + quant/codec.py (container format, bit packing, hostile inputs) and quant/budget.py."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import struct
@@ -13,7 +14,8 @@ import torch
 from quant.artifact import (MAGIC, PREFIX, ArtifactError, artifact_breakdown, blob_compressor, pack_model,
                             read_artifact, seal, unpack_model, write_artifact)
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes
-from quant.codec import COMPRESSORS, available_compressors, pack_bits, unpack_bits
+from quant.codec import COMPRESSORS, available_compressors, compress_bytes, pack_bits, unpack_bits
+from quant.container import COUNT, TABLE_ENTRY, encode_section, read_prefix, read_table, seal_sections
 from quant.int6 import dequantize_rows, quantize_rows
 from quant.policy import make_precision_fn
 
@@ -45,28 +47,81 @@ def expected(name: str, t: torch.Tensor) -> torch.Tensor:
     return t.clone()
 
 
-def small_artifact(compressor: str = "zlib", bitpack: bool = False) -> bytes:
-    sd = {"tok_emb.weight": torch.randn(20, 24) * 0.02, "blocks.0.mlp.fc.weight": torch.randn(64, 72) * 0.05,
-          "gain": torch.ones(4), "n": torch.tensor([1, 2], dtype=torch.int32)}
-    return pack_model(sd, PRECISION, compressor=compressor, bitpack=bitpack)
+def pack_v1(state_dict, precision_fn, compressor: str = "zlib", bitpack: bool = False) -> bytes:
+    """An independent format-version-1 writer, from docs/ARTIFACT.md §10 (the library only reads v1)."""
+    entries, groups = [], [[], [], [], []]  # int payloads, fp16 (scales too), fp32, raw
+    for name, t in state_dict.items():
+        kind, bits = precision_fn(name, t)[:2]
+        dtype = str(t.dtype).removeprefix("torch.")
+        e = {"name": name, "shape": list(t.shape), "dtype": dtype, "kind": kind, "bits": 0, "scale": None}
+        entries.append(e)
+        if kind == "int":
+            q, s = quantize_rows(t, bits)
+            e.update(bits=bits, storage="packed" if bitpack else "int8")
+            groups[0].append((e, "data", pack_bits(q, bits) if bitpack else q.numpy().tobytes()))
+            groups[1].append((e, "scale", s.numpy().tobytes()))
+        elif kind in ("fp16", "fp32"):
+            e["storage"] = {"fp16": "float16", "fp32": "float32"}[kind]
+            t = t.to({"fp16": torch.float16, "fp32": torch.float32}[kind])
+            groups[1 if kind == "fp16" else 2].append((e, "data", t.numpy().tobytes()))
+        else:
+            e["storage"] = dtype
+            groups[3].append((e, "data", (t.view(torch.int16) if dtype == "bfloat16" else t).numpy().tobytes()))
+    data = b""
+    for e, part, b in (item for g in groups for item in g):
+        e[part] = [len(data), len(b)]
+        data += b
+    header = json.dumps({"format": "golf-quant", "version": 1, "bitpack": bitpack, "tensors": entries}).encode()
+    raw = struct.pack("<I", len(header)) + header + data
+    return seal(MAGIC, 1, COMPRESSORS[compressor], len(raw), zlib.crc32(raw), compress_bytes(raw, compressor, None))
 
 
-def raw_payload(blob: bytes) -> bytes:
-    assert blob_compressor(blob) == "zlib"
-    return zlib.decompress(blob[PREFIX.size:])
+def small_sd() -> dict[str, torch.Tensor]:
+    return {"tok_emb.weight": torch.randn(20, 24) * 0.02, "blocks.0.mlp.fc.weight": torch.randn(64, 72) * 0.05,
+            "gain": torch.ones(4), "n": torch.tensor([1, 2], dtype=torch.int32)}
+
+
+def small_artifact(compressor: str = "zlib", bitpack: bool = False, version: int = 2) -> bytes:
+    if version == 1:
+        return pack_v1(small_sd(), PRECISION, compressor, bitpack)
+    return pack_model(small_sd(), PRECISION, compressor=compressor, bitpack=bitpack)
+
+
+def _mutated(header: dict, data: bytes, mutate) -> tuple[dict, bytes]:
+    out = mutate(header, bytearray(data)) if mutate.__code__.co_argcount == 2 else mutate(header)
+    return header, bytes(out) if isinstance(out, (bytes, bytearray)) else data
 
 
 def forge(blob: bytes, mutate) -> bytes:
-    """Re-serialize a zlib artifact after `mutate(header)` (or `mutate(header, data) -> data`), with a
-    correct CRC and raw length, so only the schema checks can catch it."""
-    raw = raw_payload(blob)
-    (hlen,) = struct.unpack_from("<I", raw, 0)
-    header, data = json.loads(raw[4:4 + hlen]), bytearray(raw[4 + hlen:])
-    out = mutate(header, data) if mutate.__code__.co_argcount == 2 else mutate(header)
-    data = out if isinstance(out, (bytes, bytearray)) else data
-    hb = json.dumps(header).encode()
-    new_raw = struct.pack("<I", len(hb)) + hb + bytes(data)
-    return seal(MAGIC, 1, COMPRESSORS["zlib"], len(new_raw), zlib.crc32(new_raw), zlib.compress(new_raw))
+    """Re-serialize a zlib artifact of either version after `mutate(header)` (or `mutate(header, data)
+    -> data`, data being the whole data area), with correct CRCs and lengths, so that only the schema
+    checks can catch it. Version 2 keeps the section boundaries; extra data goes to the last section."""
+    if read_prefix(blob, "forge").version == 1:
+        raw = zlib.decompress(blob[PREFIX.size:])
+        (hlen,) = struct.unpack_from("<I", raw, 0)
+        header, data = _mutated(json.loads(raw[4:4 + hlen]), raw[4 + hlen:], mutate)
+        hb = json.dumps(header).encode()
+        new_raw = struct.pack("<I", len(hb)) + hb + data
+        return seal(MAGIC, 1, COMPRESSORS["zlib"], len(new_raw), zlib.crc32(new_raw), zlib.compress(new_raw))
+    raws = v2_raws(blob)
+    header, data = _mutated(json.loads(raws[0]), b"".join(raws[1:]), mutate)
+    cuts = np.cumsum([0] + [len(r) for r in raws[1:-1]] + [len(data)]).tolist()
+    return seal_v2([json.dumps(header).encode()] + [data[a:b] for a, b in itertools.pairwise(cuts)])
+
+
+def v2_raws(blob: bytes) -> list[bytes]:
+    """The raw bytes of every section of a valid version-2 artifact."""
+    from quant.container import open_v2
+    prefix = read_prefix(blob, "raws")
+    return open_v2(blob, prefix, read_table(blob, prefix, "raws", 1 << 31), "raws")
+
+
+def seal_v2(raws: list[bytes], compressor: str = "zlib") -> bytes:
+    """A well-sealed version-2 file of these raw sections (section 0 is the header)."""
+    crc = 0
+    for r in raws:
+        crc = zlib.crc32(r, crc)
+    return seal_sections([encode_section(r, compressor) for r in raws], crc)
 
 
 def assert_rejected(blob, source: str = "fuzz.ptz", match: str | None = None) -> None:
@@ -80,26 +135,29 @@ def assert_rejected(blob, source: str = "fuzz.ptz", match: str | None = None) ->
 # ----------------------------------------------------------------------------- round trips
 
 @pytest.mark.parametrize("bitpack", [False, True])
-@pytest.mark.parametrize("compressor", list(COMPRESSORS))
-def test_round_trip_every_compressor(compressor, bitpack):
-    if compressor not in AVAILABLE:
+@pytest.mark.parametrize(("compressor", "version"), [(c, v) for c in COMPRESSORS for v in (1, 2)] + [("auto", 2)])
+def test_round_trip_every_compressor(compressor, bitpack, version):
+    if compressor not in [*AVAILABLE, "auto"]:
         pytest.skip(f"{compressor} not installed")
     sd = toy_state_dict()
-    blob = pack_model(sd, PRECISION, compressor=compressor, bitpack=bitpack)
-    assert blob[:8] == MAGIC and blob_compressor(blob) == compressor
+    pack = (lambda: pack_v1(sd, PRECISION, compressor, bitpack)) if version == 1 else (
+        lambda: pack_model(sd, PRECISION, compressor=compressor, bitpack=bitpack))
+    blob = pack()
+    assert blob[:8] == MAGIC and read_prefix(blob, "rt").version == version
+    assert blob_compressor(blob) == (compressor if compressor != "auto" else "mixed")
     out = unpack_model(blob, source="rt")
     assert list(out) == list(sd)
     for name, t in sd.items():
         assert out[name].dtype == t.dtype and out[name].shape == t.shape, name
         assert torch.equal(out[name], expected(name, t)), name
-    assert pack_model(sd, PRECISION, compressor=compressor, bitpack=bitpack) == blob  # deterministic
+    assert pack() == blob  # deterministic
 
 
 def test_auto_keeps_the_smallest():
     sd = toy_state_dict(rows=64)
     sizes = {c: len(pack_model(sd, PRECISION, compressor=c)) for c in AVAILABLE}
     blob = pack_model(sd, PRECISION, compressor="auto")
-    assert len(blob) == min(sizes.values()) and sizes[blob_compressor(blob)] == len(blob)
+    assert len(blob) <= min(sizes.values())
 
 
 def test_pack_model_refuses_bad_inputs():
@@ -111,6 +169,8 @@ def test_pack_model_refuses_bad_inputs():
         pack_model({"x": torch.ones(3)}, PRECISION, compressor="gzip")
     with pytest.raises(ValueError, match="int precision"):
         pack_model({"x": torch.ones(3)}, lambda n, t: ("int", 6))
+    with pytest.raises(ValueError, match="bitpack"):
+        pack_model({"x": torch.ones(3)}, PRECISION, bitpack="yes")
 
 
 def test_file_io(tmp_path):
@@ -166,20 +226,25 @@ def test_random_bytes_rejected():
     rng = random.Random(0)
     for n in (0, 1, 7, 22, 23, 24, 100, 5000):
         assert_rejected(bytes(rng.getrandbits(8) for _ in range(n)))
-    for _ in range(100):  # a well-sealed prefix followed by garbage, so the decoders see it, every compressor
+    for i in range(200):  # a well-sealed prefix followed by garbage, so the decoders see it, every compressor
         comp = rng.choice(list(COMPRESSORS.values()))
         body = bytes(rng.getrandbits(8) for _ in range(rng.randrange(0, 300)))
-        sealed = seal(MAGIC, 1, comp, rng.randrange(4, 10**6), rng.getrandbits(32), body)
+        if i % 2:  # version 2: a plausible table, so the section decoders see garbage too
+            n = rng.randrange(1, 4)
+            rows = [TABLE_ENTRY.pack(comp, 0, 0, 0, rng.getrandbits(32), rng.randrange(1, 10**4),
+                                     rng.randrange(1, 100)) for _ in range(n)]
+            body = COUNT.pack(n) + b"".join(rows) + body
+        sealed = seal(MAGIC, 1 + i % 2, comp, rng.randrange(4, 10**6), rng.getrandbits(32), body)
         assert_rejected(sealed)
         assert_rejected(sealed[:PREFIX.size - 1] + bytes([sealed[PREFIX.size - 1] ^ 1]) + body, match="file CRC")
     assert_rejected("not bytes", match="expected bytes")
 
 
 @pytest.mark.parametrize("compressor", list(COMPRESSORS))
-def test_every_truncation_rejected(compressor):
+def test_every_truncation_rejected_v1(compressor):
     if compressor not in AVAILABLE:
         pytest.skip(f"{compressor} not installed")
-    blob = small_artifact(compressor, bitpack=compressor == "zstd")
+    blob = small_artifact(compressor, bitpack=compressor == "zstd", version=1)
     fields, body = PREFIX.unpack_from(blob)[:5], blob[PREFIX.size:]
     step = max(1, len(blob) // 400)
     for n in [*range(0, len(blob), step), len(blob) - 1]:
@@ -192,10 +257,33 @@ def test_every_truncation_rejected(compressor):
 
 
 @pytest.mark.parametrize("compressor", list(COMPRESSORS))
-def test_byte_flips_rejected(compressor):
+def test_every_truncation_rejected_v2(compressor):
     if compressor not in AVAILABLE:
         pytest.skip(f"{compressor} not installed")
-    blob = small_artifact(compressor, bitpack=True)
+    blob = small_artifact(compressor, bitpack=compressor == "zstd")
+    step = max(1, len(blob) // 400)
+    for n in [*range(0, len(blob), step), len(blob) - 1]:
+        assert_rejected(blob[:n])  # caught by the length or the file CRC
+    assert_rejected(blob + b"\x00", match="file CRC")
+    raws = v2_raws(blob)
+    sections = [encode_section(r, compressor) for r in raws]
+    crc = zlib.crc32(b"".join(raws))
+    for i, sec in enumerate(sections):
+        cut = sec.payload
+        for n in [*range(0, len(cut), max(1, len(cut) // 40)), len(cut) - 1]:
+            # every length in the table agrees with the cut stream, so the decompressor must notice
+            bad = [*sections[:i], sec._replace(payload=cut[:n]), *sections[i + 1:]]
+            assert_rejected(seal_sections(bad, crc), match=f"section {i}")
+        longer = [*sections[:i], sec._replace(payload=cut + b"\x00"), *sections[i + 1:]]
+        assert_rejected(seal_sections(longer, crc), match="decompress")  # trailing bytes after the stream
+
+
+@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("compressor", list(COMPRESSORS))
+def test_byte_flips_rejected(compressor, version):
+    if compressor not in AVAILABLE:
+        pytest.skip(f"{compressor} not installed")
+    blob = small_artifact(compressor, bitpack=True, version=version)
     step = max(1, len(blob) // 300)
     for i in range(0, len(blob), step):
         for mask in (0x01, 0x80):
@@ -205,12 +293,14 @@ def test_byte_flips_rejected(compressor):
 
 
 def test_prefix_errors_are_specific():
-    blob = small_artifact()
+    blob = small_artifact(version=1)
     magic, version, comp, raw_len, crc, _ = PREFIX.unpack_from(blob)
     body = blob[PREFIX.size:]
     assert seal(magic, version, comp, raw_len, crc, body) == blob
     assert_rejected(b"NOTGOLF\x00" + blob[8:], match="bad magic")
-    assert_rejected(seal(magic, 2, comp, raw_len, crc, body), match="version 2")
+    assert_rejected(seal(magic, 3, comp, raw_len, crc, body), match="version 3")
+    assert_rejected(seal(magic, 0, comp, raw_len, crc, body), match="version 0")
+    assert_rejected(seal(magic, 2, comp, raw_len, crc, body))  # a v1 body read as v2
     assert_rejected(blob[:-1] + bytes([blob[-1] ^ 0x40]), match="file CRC")
     assert_rejected(seal(magic, version, 99, raw_len, crc, body), match="compressor id 99")
     assert_rejected(seal(magic, version, comp, 10**15, crc, body), match="above")
@@ -241,20 +331,33 @@ FORGERIES = {
     "bits 9": _set(FC, "bits", 9),
     "unknown kind": _set(FC, "kind", "int4"),
     "unknown dtype": _set(FC, "dtype", "complex64"),
-    "wrong storage": _set(FC, "storage", "packed"),
+    "wrong storage": _set(FC, "storage", "float16"),
     "missing scale": _set(FC, "scale", None),
     "extra key": _set(FC, "comment", "hi"),
     "overlap": _set("gain", "data", [0, 16]),
     "duplicate name": _set("gain", "name", FC),
     "empty name": _set("gain", "name", ""),
     "fp32 with scale": _set("gain", "scale", [0, 2]),
-    "bad version": lambda h: h.update(version=2),
+    "other version": lambda h: h.update(version=3 - h["version"]),
     "not a list": lambda h: h.update(tensors={}),
     "extra top key": lambda h: h.update(extra=1),
     "gap": lambda h, d: d + b"\x00\x00",
     "int8 below grid": lambda h, d: bytes([0x80]) + d[1:],  # -128 is not on the int6 grid
     "nan scale": lambda h, d: _poke_scale(h, d, b"\x00\x7e"),
     "zero scale": lambda h, d: _poke_scale(h, d, b"\x00\x00"),
+}
+V1_FORGERIES = {
+    "storage disagrees with bitpack": _set(FC, "storage", "packed"),
+    "sections key in v1": lambda h: h.update(sections=[]),
+}
+V2_FORGERIES = {
+    "bitpack key in v2": lambda h: h.update(bitpack=False),
+    "one section name short": lambda h: h["sections"].pop(),
+    "one section name extra": lambda h: h["sections"].append("more"),
+    "duplicate section name": lambda h: h["sections"].__setitem__(1, h["sections"][0]),
+    "empty section name": lambda h: h["sections"].__setitem__(0, ""),
+    "long section name": lambda h: h["sections"].__setitem__(0, "x" * 65),
+    "sections not a list": lambda h: h.update(sections="int6.mlp"),
 }
 
 
@@ -263,11 +366,21 @@ def _poke_scale(header, data, value: bytes):
     return data[:off] + value + data[off + 2:]
 
 
-@pytest.mark.parametrize("case", list(FORGERIES))
-def test_forged_headers_rejected(case):
-    blob = small_artifact("zlib")
+@pytest.mark.parametrize(("version", "case"), [(v, c) for v in (1, 2) for c in FORGERIES]
+                         + [(1, c) for c in V1_FORGERIES] + [(2, c) for c in V2_FORGERIES])
+def test_forged_headers_rejected(version, case):
+    blob = small_artifact("zlib", version=version)
     unpack_model(forge(blob, lambda h: None), source="ok")  # the forging itself keeps files valid
-    assert_rejected(forge(blob, FORGERIES[case]), match="bad header or data")
+    assert_rejected(forge(blob, {**FORGERIES, **V1_FORGERIES, **V2_FORGERIES}[case]), match="bad header or data")
+
+
+def test_forged_v2_header_json():
+    blob = small_artifact("zlib")
+    data = v2_raws(blob)[1:]
+    for header in (b"{}", b"{nope", b"[]", b"\xff\xfe\xfd", b"[[[[", b"[" * 200000, b"null"):
+        assert_rejected(seal_v2([header, *data]), match="bad header or data")
+    assert_rejected(seal_v2([b"{}"]), match="bad header or data")
+    unpack_model(blob)
 
 
 def test_forged_header_length_and_json():

@@ -221,6 +221,6 @@ def test_trainer_hyperparameters_suffice():
 def test_lora_names_agree_with_the_model():
     from hybrid import optim, rwkv7
 
-    assert optim.RWKV7_LORA_NAMES == rwkv7.RWKV7_LORA_NAMES
+    assert optim.RWKV7_LORA_PARAMS == rwkv7.RWKV7_LORA_NAMES
     tm = make_model("rwkv7").blocks[1].att
     assert {n for n, p in tm.named_parameters(recurse=False) if p.ndim == 2 and n != "r_k"} == set(LORA)
