@@ -31,7 +31,8 @@ def _losses(spec: list[str]) -> tuple[list[float], str]:
 def cmd_bundle(a) -> int:
     from records.bundle import LINE_LIMIT, write_bundle
 
-    info = write_bundle(Path(a.out), pack=a.pack, arch=a.arch)
+    info = write_bundle(Path(a.out), pack=a.pack, arch=a.arch,
+                        extra=tuple(m for m in a.with_modules.split(",") if m))
     print(f"readable: {info['readable']} lines:{info['readable_lines']} bytes:{info['readable_bytes']} "
           f"(challenge readability limit {LINE_LIMIT} lines: {'ok' if info['readable_lines'] <= LINE_LIMIT else 'over'})")
     if "packed" in info:
@@ -95,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pack", default="lzma", choices=["lzma", "brotli", "none"])
     b.add_argument("--arch", default="hybrid", choices=["hybrid", "gpt", "rwkv7", "moe"],
                    help="also bundle the modules this architecture imports lazily (rwkv7, moe)")
+    b.add_argument("--with", dest="with_modules", default="",
+                   help="comma list of further lazily imported modules, e.g. quant.gptq,hybrid.fused_mlp")
     b.set_defaults(fn=cmd_bundle)
     v = sub.add_parser("verify", help="recompute a record folder's bytes and val_bpb")
     v.add_argument("folder")

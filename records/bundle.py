@@ -115,6 +115,17 @@ def arch_modules(arch: str) -> tuple[str, ...]:
     return ARCH_MODULES[arch]
 
 
+def run_modules(hparams: dict) -> tuple[str, ...]:
+    """The lazily imported modules a run with these hyperparameters needs: its architecture's, GPTQ's
+    when it exported with GPTQ, the fused MLP kernel's when it asked for it."""
+    extra = list(arch_modules(str(hparams.get("arch", "hybrid"))))
+    if int(hparams.get("gptq", 0) or 0):
+        extra.append("quant.gptq")
+    if str(hparams.get("mlp_fused", "off")) in ("auto", "triton"):
+        extra.append("hybrid.fused_mlp")
+    return tuple(extra)
+
+
 def _defined_names(tree: ast.Module) -> list[tuple[str, bool]]:
     """[(top-level name, optional)]: optional = bound inside a top-level try block that imports an
     optional package (`try: import triton except ImportError: triton = None`). Two modules may both
@@ -289,11 +300,12 @@ def pack_source(source: str, method: str = "lzma") -> str:
     return f'{head}_s="{enc}"\nexec(compile({call},__file__,"exec"))\n'
 
 
-def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO, arch: str = "hybrid") -> dict:
+def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO, arch: str = "hybrid",
+                 extra: tuple[str, ...] = ()) -> dict:
     """Write out_dir/train_gpt.py (packed stub, or the readable source for pack='none') and, when
-    packed, out_dir/train_gpt_readable.py, holding what an `arch` run imports. Returns sizes and
-    line counts."""
-    extra = arch_modules(arch)
+    packed, out_dir/train_gpt_readable.py, holding what an `arch` run imports plus the `extra`
+    modules (`run_modules`). Returns sizes and line counts."""
+    extra = tuple(dict.fromkeys(arch_modules(arch) + tuple(extra)))
     if pack not in PACKERS:
         raise BundleError(f"unknown --pack {pack!r}; choose one of {PACKERS}")
     out_dir = Path(out_dir)

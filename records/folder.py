@@ -21,7 +21,7 @@ import re
 import shutil
 from pathlib import Path
 
-from records.bundle import REPO, write_bundle
+from records.bundle import REPO, run_modules, write_bundle
 from records.logs import RunLog, parse_log
 from records.verify import ARTIFACT_NAME, CONFIG_NAME, SUBMISSION_NAME, eval_config
 
@@ -96,7 +96,7 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
 
-    info = write_bundle(folder, pack=pack)
+    info = write_bundle(folder, pack=pack, extra=run_modules(art_run.hparams))  # what the run imported
     shutil.copyfile(artifact, folder / ARTIFACT_NAME)
     log_names = []
     for r in runs:

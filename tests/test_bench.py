@@ -93,3 +93,41 @@ def test_report_ratios_targets_and_json():
     assert any(line.startswith("ratio hybrid/dense11 step_ms:0.700") for line in lines)
     blob = json.loads(lines[-1].removeprefix("bench_json:"))
     assert blob["results"]["hybrid"]["step_ms"] == 70.0 and blob["targets"]["mfu"]["met"] is False
+
+
+# --- bench/size.py -------------------------------------------------------------------------------
+
+def test_size_policy_specs():
+    from bench.size import parse_policy
+
+    assert parse_policy("int6", 6, 8) == (dict(matrix_bits=6, embed_bits=8), False)
+    kw, gptq = parse_policy("int5mlp+sdclip9.5+gptq", 6, 8)
+    assert gptq and kw == dict(matrix_bits=6, embed_bits=8, mlp_bits=5, clip="sdclip", sd_k_matrix=9.5)
+    assert parse_policy("int8", 6, 8)[0]["matrix_bits"] == 8
+    with pytest.raises(SystemExit, match="unknown policy part"):
+        parse_policy("int6+fp4", 6, 8)
+
+
+def test_size_report_on_a_tiny_checkpoint(tmp_path, sample_corpus):
+    """The policies table of a real (tiny) checkpoint: int5 MLPs must store fewer bytes than int6,
+    and every row carries a round-trip score and a quant gap."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data_dir, tokenizer = sample_corpus
+    env = dict(os.environ, PRESET="tiny", RUN_ID="size", ITERATIONS="4", CHECKPOINT_EVERY="4",
+               CHECKPOINT_DIR=str(tmp_path / "ck"), LOG_DIR=str(tmp_path / "logs"), DATA_PATH=str(data_dir),
+               TOKENIZER_PATH=str(tokenizer), EVAL_PREQUANT="0")
+    subprocess.run([sys.executable, "train_gpt.py"], cwd=root, env=env, check=True, capture_output=True, timeout=300)
+    out = subprocess.run([sys.executable, "-m", "bench.size", str(tmp_path / "ck" / "latest.pt"), "--skip-compressors",
+                          "--policies", "int6,int5mlp", "--eval-tokens", "2048"], cwd=root, env=env, check=True,
+                         capture_output=True, text=True, timeout=300).stdout
+    rows = {m[0]: (int(m[1]), float(m[2])) for m in
+            re.findall(r"^policy:(\S+) .*?model_bytes:(\d+) .*?quant_gap_bpb:([-+0-9.]+)", out, re.M)}
+    assert set(rows) == {"int6", "int5mlp"}, out
+    assert rows["int5mlp"][0] < rows["int6"][0]
+    assert all(abs(gap) < 0.1 for _, gap in rows.values())

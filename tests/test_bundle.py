@@ -112,3 +112,14 @@ def test_bundle_runs_like_the_packages(tmp_path, sample_corpus):
     # the bundled script cannot reach the packages: a run from an empty folder without the repo works
     assert not (packed_dir / "hybrid").exists()
     shutil.rmtree(tmp_path / "logs", ignore_errors=True)
+
+
+def test_run_modules_follow_the_hyperparameters():
+    from records.bundle import run_modules
+
+    assert run_modules({"arch": "hybrid", "gptq": 0, "mlp_fused": "off"}) == ()
+    assert run_modules({"arch": "rwkv7", "gptq": 1, "mlp_fused": "auto"}) == (
+        "hybrid.rwkv7", "hybrid.wkv7", "hybrid.wkv7_triton", "quant.gptq", "hybrid.fused_mlp")
+    src = bundle_source(extra=run_modules({"arch": "moe", "gptq": 1, "mlp_fused": "triton"}))
+    compile(src, "train_gpt.py", "exec")
+    assert "quant.gptq is not part of this bundled" not in src and "hybrid/fused_mlp.py" in src
