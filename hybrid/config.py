@@ -335,13 +335,13 @@ _GPT_OVERRIDES = {
 }
 
 # `--arch rwkv7` = RWKV7_PRESETS["golf"] (hybrid/rwkv7.py) as HybridGPT fields: pure RWKV-7 (pre-LN
-# blocks, channel-mix FFN 3x, 8 heads of 64, tied embedding with RWKV7LM's tied init, softcap 30), every
-# hybrid extra off. Same parameters as RWKV7LM(**RWKV7_PRESETS["golf"]): 23,901,696; ≈ 14.9 MB at int6
-# by estimate (0.6 B per int6 value + fp16 row scales, 1 B per int8 embedding value), before the code.
+# blocks, channel-mix FFN 2.5x, 8 heads of 64, tied embedding with RWKV7LM's tied init, softcap 30),
+# every hybrid extra off. Same parameters as RWKV7LM(**RWKV7_PRESETS["golf"]): 21,804,544; measured
+# pack after 60 CPU steps 15,630,854 model + 82,227 code bytes = 15,713,081 (docs/PERF.md).
 # Written out rather than imported so that other runs do not load hybrid/rwkv7.py;
 # tests/test_arch_integration.py checks it against the preset.
 _RWKV7_OVERRIDES = {
-    "vocab_size": 1024, "num_layers": 8, "model_dim": 512, "mlp_mult": 3.0, "layer_pattern": "R" * 8,
+    "vocab_size": 1024, "num_layers": 8, "model_dim": 512, "mlp_mult": 2.5, "layer_pattern": "R" * 8,
     "block_style": "rwkv", "rwkv_head_size": 64, "rwkv_ffn": "cmix", "logit_softcap": 30.0,
     "tied_embed_init_std": 0.005,
     "xsa_last": 0, "ve_layers": "none", "smear": False, "bigram_buckets": 0, "ln_scale": False,
