@@ -104,3 +104,14 @@ def test_two_processes_agree_on_the_wallclock_cap(tmp_path, sample_corpus):
     m = re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/", log)
     assert m, log[-2000:]
     assert int(m.group(2)) >= 1 and ROUNDTRIP.search(log)
+
+
+def test_rwkv7_run_with_stateful_evaluation(tmp_path, sample_corpus):
+    """`--arch rwkv7` end to end with EVAL_MODE=stateful (state carried across chunks); the hybrid,
+    which has attention layers, is refused before training."""
+    env = {"ARCH": "rwkv7", "ITERATIONS": 3, "WARMDOWN_ITERS": 1, "EVAL_MODE": "stateful", "EVAL_WARMUP": 16}
+    _, log = run_trainer(tmp_path, "rwkv_state", env)
+    assert re.search(r"^final_prequant eval:stateful\S* .*tokens_scored:\d+", log, re.M), log[-2000:]
+    assert ROUNDTRIP.search(log)
+    proc, _ = run_trainer(tmp_path, "hybrid_state", {"ITERATIONS": 3, "EVAL_MODE": "stateful"}, check=False)
+    assert proc.returncode != 0 and "stateful" in proc.stderr
