@@ -151,6 +151,8 @@ class Hyperparameters:
     muon_momentum_warmup_steps: int = field(default=1500, metadata={"help": "steps of the momentum warm-up"})
     muon_backend_steps: int = field(default=5, metadata={"help": "Newton–Schulz iterations"})
     muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
+    rwkv_lora_lr: float = field(default=0.0, metadata={"help": "Adam lr of the RWKV-7 LoRA factors (0 = SCALAR_LR); "
+                                                             "ARCHS.md §1.7's run used 2.56e-3"})
     adam_wd: float = field(default=0.04, metadata={"help": "AdamW decoupled weight decay"})
     beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})

@@ -211,7 +211,8 @@ def split_params(model: torch.nn.Module):
 
 def scalar_groups(model: torch.nn.Module, sca: list, h) -> list[dict]:
     """Adam param groups of the scalar share: the generic one (scalar_lr, the optimizer's adam_wd), then
-    the RWKV-7 recipe's lora / vector / w0 groups (weight decay 0; w0 at 2x lr), each only if non-empty."""
+    the RWKV-7 recipe's lora / vector / w0 groups (weight decay 0; w0 at 2x lr; the LoRAs at
+    h.rwkv_lora_lr when it is set), each only if non-empty."""
     roles = rwkv7_roles(model)
     groups = []
     generic = [p for n, p in sca if n not in roles]
@@ -221,6 +222,8 @@ def scalar_groups(model: torch.nn.Module, sca: list, h) -> list[dict]:
         params = [p for n, p in sca if roles.get(n) == role]
         if params:
             lr = h.scalar_lr * (RWKV7_W0_LR_SCALE if role == "w0" else 1.0)
+            if role == "lora" and getattr(h, "rwkv_lora_lr", 0.0) > 0:  # RWKV_LORA_LR (0 = scalar_lr)
+                lr = h.rwkv_lora_lr
             groups.append(dict(params=params, lr=lr, base_lr=lr, weight_decay=0.0))
     return groups
 

@@ -216,6 +216,10 @@ def test_trainer_hyperparameters_suffice():
     found = groups_by_param(model, build_optimizers(model, h))
     assert found["blocks.1.att.w0"] == [("AdamW", 2 * h.scalar_lr, 2 * h.scalar_lr, 0.0)]
     assert found["blocks.1.att.g2"] == [("AdamW", h.scalar_lr, h.scalar_lr, 0.0)]
+    h.rwkv_lora_lr = 0.003  # RWKV_LORA_LR moves the LoRA factors only
+    found = groups_by_param(model, build_optimizers(model, h))
+    assert found["blocks.1.att.g2"] == [("AdamW", 0.003, 0.003, 0.0)]
+    assert found["blocks.1.att.w0"] == [("AdamW", 2 * h.scalar_lr, 2 * h.scalar_lr, 0.0)]
 
 
 def test_lora_names_agree_with_the_model():
