@@ -208,7 +208,9 @@ def _unset(value) -> bool:
 # uses the 11-layer records' recipe (TECHNIQUES.md §2.9, §2.10, §2.15, §2.19).
 ARCH_TRAIN_DEFAULTS = {
     "hybrid": {},
-    "rwkv7": {},
+    # ARCHS.md §1.7's run kept the LoRAs at Adam 2.56e-3; on the CPU smoke preset (80 steps) that
+    # gave round-trip val_bpb 2.0621 against 2.0826 at SCALAR_LR (docs/PERF.md).
+    "rwkv7": dict(rwkv_lora_lr=0.00256),
     "moe": {},
     "gpt": dict(tied_embed_lr=0.05, embed_lr=0.6, matrix_lr=0.04, scalar_lr=0.04, muon_momentum=0.95,
                 muon_momentum_warmup_start=0.85, muon_momentum_warmup_steps=500, muon_wd=0.0, adam_wd=0.0,
