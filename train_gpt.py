@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import math
 import os
 import platform
@@ -404,6 +405,10 @@ def main(argv: list[str] | None = None) -> int:
         return 3
     finally:
         if rt.distributed:
+            # The DDP wrapper (its C++ reducer holds the process group) can sit in a reference cycle
+            # of train()'s closures; freed by a later GC after the group is gone, it aborts the
+            # process ("terminate called without an active exception"). Free it while the group lives.
+            gc.collect()
             dist.destroy_process_group()
 
 
