@@ -208,13 +208,8 @@ def use_fused_mlp(mode: str, x: Tensor) -> bool:
 def mlp_up_act_linear(fc, x: Tensor, slope: float) -> Tensor:
     """act(fc(x))² through the fused op, fc a CastedLinear without bias: its weight goes through QAT
     fake-quant (if fc.qat_bits > 0) and is cast to the compute dtype, as CastedLinear.forward does."""
-    w = fc.weight
-    if fc.qat_bits > 0:
-        from quant.int6 import fake_quant
-
-        w = fake_quant(w, fc.qat_bits, fc.qat_clip, fc.qat_sd_k)
     dtype = compute_dtype(x)
-    return mlp_up_act(x.to(dtype), w.to(dtype), slope)
+    return mlp_up_act(x.to(dtype), fc.casted_weight(dtype), slope)
 
 
 def bench_fused_mlp(M: int, K: int, N: int, device: str | torch.device = "cuda", slope: float = 0.5,

@@ -40,15 +40,20 @@ class CastedLinear(nn.Linear):
         self.qat_sd_k: float = 0.0
         self._zero_init: bool = False
 
-    def forward(self, x: Tensor) -> Tensor:
+    def casted_weight(self, dtype: torch.dtype) -> Tensor:
+        """The weight this layer multiplies by: fake-quantized when QAT is on, cast to `dtype`. Also
+        used where the matmul happens elsewhere (MoE grouped experts, the fused MLP kernel)."""
         w = self.weight
         if self.qat_bits > 0:
             # Imported here so the model runs (and is tested) without the quant package.
             from quant.int6 import fake_quant
 
             w = fake_quant(w, self.qat_bits, self.qat_clip, self.qat_sd_k)
+        return w.to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        return F.linear(x, w.to(x.dtype), bias)
+        return F.linear(x, self.casted_weight(x.dtype), bias)
 
 
 class Rotary(nn.Module):

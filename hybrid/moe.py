@@ -113,16 +113,6 @@ def expert_activation(h: Tensor, activation: str) -> Tensor:
     return torch.relu(h).square()
 
 
-def casted_weight(lin: CastedLinear, dtype: torch.dtype) -> Tensor:
-    """The weight a `CastedLinear` would multiply by (fake-quantized when QAT is on), in `dtype`."""
-    w = lin.weight
-    if lin.qat_bits > 0:
-        from quant.int6 import fake_quant  # same lazy import as CastedLinear.forward
-
-        w = fake_quant(w, lin.qat_bits, lin.qat_clip, lin.qat_sd_k)
-    return w.to(dtype)
-
-
 class MoEExpert(nn.Module):
     """One expert MLP, [..., C] -> [..., C]: proj(act(fc(x))). fc is [2H, C] for swiglu (gate rows
     first, then up rows), else [H, C]; proj [C, H] is marked zero-init like the dense MLP's."""
@@ -258,8 +248,8 @@ class MoEFFN(nn.Module):
         if self._use_grouped(xs):
             offs = counts.cumsum(0).to(torch.int32)  # end offset of every expert's rows
             # [E, out, in] stacked, transposed to [E, in, out]: a column-major right operand.
-            w_fc = torch.stack([casted_weight(e.fc, xs.dtype) for e in self.experts])
-            w_proj = torch.stack([casted_weight(e.proj, xs.dtype) for e in self.experts])
+            w_fc = torch.stack([e.fc.casted_weight(xs.dtype) for e in self.experts])
+            w_proj = torch.stack([e.proj.casted_weight(xs.dtype) for e in self.experts])
             h = torch._grouped_mm(xs, w_fc.transpose(-2, -1), offs=offs)
             return torch._grouped_mm(expert_activation(h, act), w_proj.transpose(-2, -1), offs=offs)
         # Every expert runs, even on an empty segment, so every parameter gets a (zero) grad: DDP and
