@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.attention import attention
+from hybrid.config import MLP_FUSED_MODES
 
 
 def rms_norm(x: Tensor) -> Tensor:
@@ -117,8 +118,8 @@ class MLP(nn.Module):
         super().__init__()
         if act not in ("relu2", "leaky_relu2"):
             raise ValueError(f"MLP act must be 'relu2' or 'leaky_relu2', got {act!r}")
-        if fused not in ("auto", "triton", "off", "ref"):
-            raise ValueError(f"MLP fused must be one of ('auto', 'triton', 'off', 'ref'), got {fused!r}")
+        if fused not in MLP_FUSED_MODES:
+            raise ValueError(f"MLP fused must be one of {MLP_FUSED_MODES}, got {fused!r}")
         self.leaky = act == "leaky_relu2"
         self.fused = fused
         self._use_fused = self._mlp_up_act = None
