@@ -8,7 +8,8 @@ Loads the checkpoint's EMA weights (the ones a run exports; the live weights if 
 packs them exactly as the trainer does. Two tables:
 1. compressors: the run's own export policy under every compressor (v2 artifact, one compressor for
    every section) and "auto" (the smallest per section): model bytes, bytes per parameter, artifact
-   total with the code bytes a run counts (the lzma bundle) and the margin under 16,000,000;
+   total with the code bytes a run counts (the counted stub of the lean bundle) and the margin under
+   16,000,000;
 2. policies (`--policies`): one row per export policy, packed with `--compressor`: model bytes,
    bytes per parameter, and, with `--eval-tokens`, the quantization gap = round-trip val_bpb minus
    pre-quantization val_bpb, both scored the same way (non-overlapping windows of the run's sequence
@@ -80,7 +81,7 @@ def main() -> None:
     model.eval()
     sd = model.state_dict()
     params = sum(p.numel() for p in model.parameters())
-    code = train_gpt.counted_code_bytes(lambda *a, **k: None)  # the lzma bundle, as a run counts it
+    code = train_gpt.counted_code_bytes(lambda *a, **k: None, h)  # the counted stub, as a run of h counts it
     print(f"checkpoint:{args.checkpoint} step:{state['step']} arch:{h.arch} params:{params} "
           f"matrix_bits:{h.matrix_bits} embed_bits:{h.embed_bits} code_bytes:{code}")
     if not args.skip_compressors:

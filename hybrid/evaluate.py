@@ -15,15 +15,16 @@ Eval modes (the trainer's EVAL_MODE):
   tokens, each starting with no context (a final window ends at the last target and scores only the
   targets no earlier window did).
   In both, windows are split contiguously across ranks; the score does not depend on world_size.
-- "stateful" (`evaluate_stateful`, models whose every sequence mixer is recurrent: R and T layers,
-  e.g. `--arch rwkv7`): the targets are cut into world_size × lanes contiguous spans of equal length
-  (±1); each span is read in consecutive chunks with the recurrent state carried from chunk to
-  chunk, so a target is scored with everything of its span before it as context, exactly as by one
-  forward over the span. Each span starts from a fresh state `warmup` tokens before its first target
-  (0, the default: at it); warm-up tokens are context only, never scored. The state is never reset
-  at BOS: documents are packed in the stream as in training, and one span is one sequence. With a
-  single span the whole stream is one sequence; otherwise the score depends (slightly) on
-  world_size × lanes, so keep that product fixed when comparing runs.
+- "stateful" (`evaluate_stateful`, code in hybrid/stateful.py, imported on use; models whose every
+  sequence mixer is recurrent: R and T layers, e.g. `--arch rwkv7`): the targets are cut into
+  world_size × lanes contiguous spans of equal length (±1); each span is read in consecutive chunks
+  with the recurrent state carried from chunk to chunk, so a target is scored with everything of its
+  span before it as context, exactly as by one forward over the span. Each span starts from a fresh
+  state `warmup` tokens before its first target (0, the default: at it); warm-up tokens are context
+  only, never scored. The state is never reset at BOS: documents are packed in the stream as in
+  training, and one span is one sequence. With a single span the whole stream is one sequence;
+  otherwise the score depends (slightly) on world_size × lanes, so keep that product fixed when
+  comparing runs.
 
 `evaluate` is the fast form of `evaluate_ref` (the original loop, kept as the reference; tests check
 they agree): the stream goes to the device once, windows are grouped into batches of one static
@@ -220,40 +221,12 @@ def lane_plan(num_targets: int, num_lanes: int, warmup: int = 0) -> list[tuple[i
     return [(max(0, a - warmup), a, b) for a, b in pairwise(bounds)]
 
 
-@torch.no_grad()
 def evaluate_stateful(step_fn, tokens: Tensor, chunk_len: int, luts: ByteLuts, lanes: int,
                       device: torch.device, rank: int = 0, world_size: int = 1, autocast=None,
                       warmup: int = 0) -> EvalResult:
-    """The "stateful" mode (module docstring): world_size × lanes spans, each read in chunks of
-    chunk_len tokens with the recurrent state carried; this rank runs its `lanes` spans as the rows of
-    one batch. step_fn(x: [lanes, chunk_len] int64, state | None) -> (logits [lanes, chunk_len, V],
-    state) (HybridGPT.forward_logits_stateful; None = a fresh sequence). Rows are padded at their end
-    up to a whole number of chunks; padding comes after every scored target of its row, so causality
-    keeps it out of their logits, and it is masked out of the sums. Every call has the same shape
-    (two compiled graphs: the first chunk, state None, and the rest)."""
-    t0 = time.perf_counter()
-    n = tokens.numel() - 1
-    plan = lane_plan(n, world_size * lanes, warmup)
-    mine = plan[rank * lanes:(rank + 1) * lanes]
-    row_len = max(end - row_start for row_start, _, end in plan)
-    num_chunks = max(1, -(-row_len // chunk_len))
-    width = num_chunks * chunk_len
-    # (lanes, width + 1) token rows; positions past the stream's end repeat its last token (unscored)
-    idx = torch.tensor([r for r, _, _ in mine])[:, None] + torch.arange(width + 1)
-    rows = tokens[idx.clamp_max(n)].to(device=device, dtype=torch.int64)
-    first = torch.tensor([a - r for r, a, _ in mine], device=device)[:, None]  # first scored offset
-    stop = torch.tensor([b - r for r, _, b in mine], device=device)[:, None]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
-    offsets = torch.arange(chunk_len, device=device)[None, :]
-    state = None
-    for c in range(num_chunks):
-        lo = c * chunk_len
-        x, y = rows[:, lo:lo + chunk_len].contiguous(), rows[:, lo + 1:lo + chunk_len + 1]
-        if autocast is not None:
-            with autocast():
-                logits, state = step_fn(x, state)
-        else:
-            logits, state = step_fn(x, state)
-        pos = lo + offsets
-        sums += _masked_sums(logits, x, y, (pos >= first) & (pos < stop), luts)
-    return _finish(sums, world_size, t0)
+    """The "stateful" mode (module docstring; hybrid/stateful.py). Imported on use, so only a run that
+    evaluates this way carries (and counts) that code."""
+    from hybrid.stateful import stateful_evaluate
+
+    return stateful_evaluate(step_fn, tokens, chunk_len, luts, lanes, device, rank=rank, world_size=world_size,
+                             autocast=autocast, warmup=warmup)

@@ -33,13 +33,11 @@ memory, construct under `torch.device("meta")`, then `to_empty(device=...)` and 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from hybrid.config import ARCH_DEFAULTS, ModelConfig
+from hybrid.config import ModelConfig
 from hybrid.layers import (
     MLP,
     BigramHash,
@@ -69,26 +67,11 @@ def to_autocast_dtype(x: Tensor) -> Tensor:
     return x
 
 
-class MoELoadStats(nn.Module):
-    """Detached statistics of an MoE layer's last forward, kept in non-persistent buffers (not in the
-    state dict, the artifact or the EMA): expert_frac [E] (token-slot share of each expert, sums to 1)
-    and losses [3] = (weighted aux loss, balance loss, z-loss). Writing buffers in place keeps the
-    forward free of host syncs and compilable."""
+def moe_load_stats(cfg: ModelConfig) -> nn.Module:
+    """An MoE layer's `MoELoadStats` (hybrid/moe.py: imported only by models with MoE layers)."""
+    from hybrid.moe import MoELoadStats
 
-    def __init__(self, num_experts: int):
-        super().__init__()
-        self.register_buffer("expert_frac", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
-        self.register_buffer("losses", torch.zeros(3, dtype=torch.float32), persistent=False)
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.expert_frac.zero_()
-            self.losses.zero_()
-
-    def record(self, aux: dict[str, Tensor]) -> None:
-        with torch.no_grad():
-            self.expert_frac.copy_(aux["expert_frac"])
-            self.losses.copy_(torch.stack((aux["loss"], aux["balance_loss"], aux["z_loss"])).detach())
+    return MoELoadStats(cfg.moe_num_experts)
 
 
 def build_ffn(cfg: ModelConfig, layer_idx: int, letter: str) -> tuple[nn.Module, str]:
@@ -106,7 +89,7 @@ def build_ffn(cfg: ModelConfig, layer_idx: int, letter: str) -> tuple[nn.Module,
     return MLP(C, cfg.mlp_hidden, cfg.mlp_act, fused=cfg.mlp_fused), "mlp"
 
 
-def run_ffn(ffn: nn.Module, kind: str, h: Tensor, stats: MoELoadStats | None,
+def run_ffn(ffn: nn.Module, kind: str, h: Tensor, stats: nn.Module | None,
             shift: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """Apply an FFN made by `build_ffn`: (output, weighted MoE aux loss or None, carried state or None).
     Only the channel-mix has state: its token shift's last input [B, C], fed back as `shift`."""
@@ -164,7 +147,7 @@ class Block(nn.Module):
                 qk_norm_gain=cfg.qk_norm_gain,
             )
         self.mlp, self.ffn_kind = build_ffn(cfg, layer_idx, kind)
-        self.moe_stats = MoELoadStats(cfg.moe_num_experts) if self.is_moe else None
+        self.moe_stats = moe_load_stats(cfg) if self.is_moe else None
         self.mix_scale = nn.Parameter(torch.empty(C))
         self.mlp_scale = nn.Parameter(torch.empty(C))
         self.resid_mix = nn.Parameter(torch.empty(2, C))
@@ -235,7 +218,7 @@ class RWKVBlock(nn.Module):
         self.att = RWKV7TimeMix(C, cfg.rwkv_head_size, layer_idx, cfg.num_layers, first=layer_idx == 0,
                                 chunk_size=cfg.rwkv_chunk, impl=cfg.rwkv_impl)
         self.ffn, self.ffn_kind = build_ffn(cfg, layer_idx, kind)
-        self.moe_stats = MoELoadStats(cfg.moe_num_experts) if self.is_moe else None
+        self.moe_stats = moe_load_stats(cfg) if self.is_moe else None
 
     def forward(self, x: Tensor, x0: Tensor | None = None, ve: Tensor | None = None,
                 v_first: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -493,64 +476,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def expert_load_summary(stats: list[dict]) -> str:
-    """One log line from `HybridGPT.expert_load_stats()` (this syncs: call it only when logging), e.g.
-    "moe_load L1:max/mean=1.21,frac=[0.31 0.22 0.25 0.22],aux=0.0021 L2:..."."""
-    parts = []
-    for s in stats:
-        frac = " ".join(f"{v:.3f}" for v in s["expert_frac"].float().tolist())
-        parts.append(f"L{s['layer']}:max/mean={s['load_max_mean'].item():.3f},frac=[{frac}],"
-                     f"aux={s['aux_loss'].item():.5f}")
-    return "moe_load " + " ".join(parts) if parts else "moe_load none"
+    """One log line from `HybridGPT.expert_load_stats()` (hybrid/moe.py's `moe_load_summary`, imported
+    on use: only MoE runs log it)."""
+    from hybrid.moe import moe_load_summary
+
+    return moe_load_summary(stats)
 
 
-# ---- named full-size presets (counted on the meta device) -------------------------------------------
+def named_model_preset(name: str):
+    """A named model's description and parameter counts, counted on the meta device (hybrid/presets.py,
+    imported on use: only a `--preset rize|rish|rwkv7-191m` call needs it)."""
+    from hybrid.presets import model_preset_report
 
-class ModelPresetReport(NamedTuple):
-    name: str
-    description: str
-    total_params: int
-    active_params: int  # per token; equal to total for dense models
-
-
-NAMED_MODEL_PRESETS = ("rize", "rish", "rwkv7-191m", *ARCH_DEFAULTS)
-
-
-def named_model_preset(name: str) -> ModelPresetReport:
-    """Describe and count a named model without allocating it (built on the meta device):
-    "rize" / "rish" (the seed MoE models, hybrid/moe_presets.py), "rwkv7-191m" (the seed RWKV-7,
-    hybrid/rwkv7.py), or an `--arch` name (hybrid, gpt, rwkv7, moe) at its default config."""
-    if name in ("rize", "rish"):
-        from hybrid.moe_presets import MoETransformer, count_active_params, count_total_params, moe_preset
-
-        cfg = moe_preset(name)
-        with torch.device("meta"):
-            model = MoETransformer(cfg)
-        m = cfg.moe
-        desc = (f"{name}: MoE transformer, {cfg.num_layers} layers x {cfg.model_dim}, {cfg.num_heads} heads "
-                f"({cfg.num_kv_heads} KV), {m.num_experts} routed experts top-{m.top_k} of {m.activation} "
-                f"width {m.expert_hidden} + {m.num_shared_experts} shared, {m.router} router, vocab "
-                f"{cfg.vocab_size}, {'tied' if cfg.tie_embeddings else 'untied'} head")
-        return ModelPresetReport(name, desc, count_total_params(model), count_active_params(cfg))
-    if name == "rwkv7-191m":
-        from hybrid.rwkv7 import RWKV7_PRESETS, RWKV7LM
-
-        kw = dict(RWKV7_PRESETS[name])
-        with torch.device("meta"):
-            model = RWKV7LM(**kw)
-        total = count_params(model)
-        desc = (f"{name}: RWKV-7 (x070), {kw['num_layers']} layers x {kw['dim']}, head {kw['head_size']}, "
-                f"channel-mix {kw['ffn_hidden']}, vocab {kw['vocab_size']}, "
-                f"{'tied' if kw.get('tie') else 'untied'} head")
-        return ModelPresetReport(name, desc, total, total)
-    if name in ARCH_DEFAULTS:
-        cfg = ModelConfig(**ARCH_DEFAULTS[name])
-        with torch.device("meta"):
-            model = HybridGPT(cfg)
-        total, active = model.param_counts()
-        desc = (f"--arch {name}: HybridGPT, {cfg.num_layers} layers x {cfg.model_dim}, pattern "
-                f"{cfg.layer_pattern!r}, block style {cfg.block_style}, vocab {cfg.vocab_size} tied")
-        if cfg.moe_layer_ids:
-            desc += (f", {len(cfg.moe_layer_ids)} MoE layers of {cfg.moe_num_experts} experts top-"
-                     f"{cfg.moe_top_k} + {cfg.moe_shared_experts} shared")
-        return ModelPresetReport(name, desc, total, active)
-    raise ValueError(f"unknown model preset {name!r}; choose one of {list(NAMED_MODEL_PRESETS)}")
+    return model_preset_report(name)

@@ -338,3 +338,36 @@ def update_expert_biases(model: nn.Module) -> int:
     for m, load in zip(layers, loads.split([m.cfg.num_experts for m in layers])):
         m.update_bias(load)
     return len(layers)
+
+
+class MoELoadStats(nn.Module):
+    """Detached statistics of an MoE layer's last forward, kept in non-persistent buffers (not in the
+    state dict, the artifact or the EMA): expert_frac [E] (token-slot share of each expert, sums to 1)
+    and losses [3] = (weighted aux loss, balance loss, z-loss). Writing buffers in place keeps the
+    forward free of host syncs and compilable."""
+
+    def __init__(self, num_experts: int):
+        super().__init__()
+        self.register_buffer("expert_frac", torch.zeros(num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("losses", torch.zeros(3, dtype=torch.float32), persistent=False)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.expert_frac.zero_()
+            self.losses.zero_()
+
+    def record(self, aux: dict[str, Tensor]) -> None:
+        with torch.no_grad():
+            self.expert_frac.copy_(aux["expert_frac"])
+            self.losses.copy_(torch.stack((aux["loss"], aux["balance_loss"], aux["z_loss"])).detach())
+
+
+def moe_load_summary(stats: list[dict]) -> str:
+    """One log line from `HybridGPT.expert_load_stats()` (this syncs: call it only when logging), e.g.
+    "moe_load L1:max/mean=1.21,frac=[0.31 0.22 0.25 0.22],aux=0.0021 L2:..."."""
+    parts = []
+    for s in stats:
+        frac = " ".join(f"{v:.3f}" for v in s["expert_frac"].float().tolist())
+        parts.append(f"L{s['layer']}:max/mean={s['load_max_mean'].item():.3f},frac=[{frac}],"
+                     f"aux={s['aux_loss'].item():.5f}")
+    return "moe_load " + " ".join(parts) if parts else "moe_load none"

@@ -18,8 +18,9 @@ the fp16 and fp32 sections, kept when it shrinks them) x int storage (one int8 p
 bit-packed LSB-first when `bitpack="auto"`). Int tensors use the grid of quant/int6.py, or values a
 caller quantized itself (`prequantized`, e.g. GPTQ), checked against that grid.
 
-Version 1 (read only) is the prefix and one compressed stream: u32 JSON length | JSON header | data
-area, with one artifact-wide int storage (`"bitpack"`).
+Version 1 (read only, by quant/artifact_v1.py, imported when such a file is met) is the prefix and
+one compressed stream: u32 JSON length | JSON header | data area, with one artifact-wide int storage
+(`"bitpack"`).
 
 Reading is defensive: nothing is unpickled; the file CRC is checked before anything is decompressed;
 no section decompresses past its declared raw length, and the declared total must be <=
@@ -32,7 +33,6 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import struct
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from quant.codec import available_compressors, pack_bits, unpack_bits
-from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section, open_v1, open_v2,
+from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section, open_v2,
                              read_prefix, read_table, seal_sections, smallest_sections)
 from quant.container import MAGIC, seal  # noqa: F401  re-exported: callers import them from here
 from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax, quantize_rows
@@ -355,15 +355,6 @@ def _decode(e: dict, data) -> Tensor:
     return (t.view(torch.bfloat16) if dtype == "bfloat16" else t).reshape(shape)
 
 
-def _v1_parts(raw: bytes) -> tuple[memoryview, memoryview]:
-    """(JSON header bytes, data area) of a version-1 raw payload."""
-    (hlen,) = struct.unpack_from("<I", raw, 0)
-    if hlen > MAX_HEADER_BYTES or 4 + hlen > len(raw):
-        raise ValueError(f"header length {hlen} exceeds the payload or the {MAX_HEADER_BYTES}-byte limit")
-    view = memoryview(raw)
-    return view[4:4 + hlen], view[4 + hlen:]
-
-
 def _v2_table(blob, prefix, source: str, max_raw_bytes: int) -> list:
     table = read_table(blob, prefix, source, max_raw_bytes)
     if table[0].raw_len > MAX_HEADER_BYTES:
@@ -384,12 +375,14 @@ def unpack_model(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = 1
     raw tensors exact. Any malformed input raises ArtifactError naming `source`."""
     prefix = read_prefix(blob, source)
     if prefix.version == 1:
+        from quant.artifact_v1 import open_v1, v1_parts  # only old files: a run reads back version 2
+
         raw = open_v1(blob, prefix, source, max_raw_bytes)
     else:
         raws = open_v2(blob, prefix, _v2_table(blob, prefix, source, max_raw_bytes), source)
     try:
         if prefix.version == 1:
-            header_bytes, data = _v1_parts(raw)
+            header_bytes, data = v1_parts(raw)
             bounds = [len(data)]
         else:
             header_bytes, data, bounds = raws[0], b"".join(raws[1:]), _ends(len(r) for r in raws[1:])
@@ -406,6 +399,8 @@ def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: in
     len(blob) = 29 + 24 * len(rows) + the compressed bytes (version 1: 27 + compressed bytes)."""
     prefix = read_prefix(blob, source)
     if prefix.version == 1:
+        from quant.artifact_v1 import open_v1, v1_parts
+
         raw = open_v1(blob, prefix, source, max_raw_bytes)
         rows = [{"name": "payload", "compressor": COMPRESSOR_NAMES[prefix.compressor_id], "transform": "none",
                  "raw_bytes": prefix.raw_len, "compressed_bytes": len(blob) - PREFIX.size}]
@@ -416,7 +411,7 @@ def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: in
                  "compressed_bytes": e.comp_len} for e in table]
     try:
         if prefix.version == 1:
-            header_bytes, data = _v1_parts(raw)
+            header_bytes, data = v1_parts(raw)
             bounds, first = [len(data)], 0
         else:
             header_bytes, bounds, first = raw, _ends(e.raw_len for e in table[1:]), 1

@@ -165,18 +165,6 @@ def _decompress(data, name: str, raw_len: int, source: str, what: str) -> bytes:
     return raw
 
 
-def open_v1(blob, prefix: Prefix, source: str, max_raw_bytes: int) -> bytes:
-    """The raw payload of a version-1 file whose prefix (file CRC included) was read."""
-    name = _compressor(prefix.compressor_id, source, "")
-    _check_raw_len(prefix.raw_len, source, max_raw_bytes)
-    if prefix.raw_len < 4:
-        raise ArtifactError(f"{source}: declares {prefix.raw_len} raw bytes, too few for a header")
-    raw = _decompress(memoryview(blob)[PREFIX.size:], name, prefix.raw_len, source, "")
-    if zlib.crc32(raw) != prefix.raw_crc:
-        raise ArtifactError(f"{source}: raw payload CRC-32 mismatch: the decompressor output is corrupted")
-    return raw
-
-
 def read_table(blob, prefix: Prefix, source: str, max_raw_bytes: int) -> list[TableEntry]:
     """The validated section table of a version-2 file whose prefix (file CRC included) was read.
     Lengths are checked against each other, the prefix and the file before any decompression."""

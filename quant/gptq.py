@@ -236,14 +236,17 @@ def _clip_of(precision) -> tuple[str, float | None]:
 
 
 def gptq_quantize(model: nn.Module, calib_tokens: Tensor, precision_fn: Callable, batch_size: int = 8,
-                  block_size: int = BLOCK_SIZE, damp: float = DAMP,
-                  act_order: bool = True) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, str]]:
+                  block_size: int = BLOCK_SIZE, damp: float = DAMP, act_order: bool = True,
+                  hessian_diag: dict[str, Tensor] | None = None,
+                  ) -> tuple[dict[str, tuple[Tensor, Tensor]], dict[str, str]]:
     """Quantize every int-precision 2-D tensor of `model.state_dict()` (names as its keys).
 
     Returns (quantized, method): quantized[name] = (q int8 [R, C], scale fp16 [R]) on the CPU, on
     the grid of precision_fn(name, tensor) (bits, clip, sd_k), ready for the artifact writer;
     method[name] = "gptq", or "rtn: <why>" for tensors rounded to nearest (module docstring).
     Pass the uncompiled model; it is run in eval mode and restored.
+    hessian_diag: a dict to fill with diag(H) (float32 [C], CPU, before damping and before the
+    dead-input fix) of every tensor that got GPTQ, e.g. for quant/fit.py's pruning cost.
     """
     state = model.state_dict()
     targets = {}
@@ -270,6 +273,8 @@ def gptq_quantize(model: nn.Module, calib_tokens: Tensor, precision_fn: Callable
             else:
                 q, s = gptq_matrix(w, h, bits, clip, sd_k, block_size, damp, act_order)
                 quantized[name], method[name] = (q.cpu(), s.cpu()), "gptq"
+                if hessian_diag is not None:
+                    hessian_diag[name] = h.diagonal().to(device="cpu", dtype=torch.float32, copy=True)
                 continue
             q, s = quantize_rows(w, bits, clip, sd_k)
             quantized[name], method[name] = (q.cpu(), s.cpu()), why

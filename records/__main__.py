@@ -36,7 +36,10 @@ def cmd_bundle(a) -> int:
     print(f"readable: {info['readable']} lines:{info['readable_lines']} bytes:{info['readable_bytes']} "
           f"(challenge readability limit {LINE_LIMIT} lines: {'ok' if info['readable_lines'] <= LINE_LIMIT else 'over'})")
     if "packed" in info:
-        print(f"packed:   {info['packed']} lines:{info['packed_lines']} bytes:{info['packed_bytes']} ({a.pack})")
+        print(f"lean:     {info['lean_lines']} lines {info['lean_bytes']} bytes "
+              f"(no comments, docstrings, unreached code)")
+        print(f"packed:   {info['packed']} lines:{info['packed_lines']} bytes:{info['packed_bytes']} "
+              f"({info['packer']}; the counted file)")
     print(f"modules: {', '.join(info['modules'])}")
     return 0
 
@@ -93,7 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
     b = sub.add_parser("bundle", help="write the self-contained train_gpt.py")
     b.add_argument("--out", default="bundle", help="output folder (default ./bundle)")
-    b.add_argument("--pack", default="lzma", choices=["lzma", "brotli", "none"])
+    b.add_argument("--pack", default="auto", choices=["auto", "lzma", "brotli", "none"],
+                   help="auto (default): the smaller stub of lzma and brotli; none: the readable file alone")
     b.add_argument("--arch", default="hybrid", choices=["hybrid", "gpt", "rwkv7", "moe"],
                    help="also bundle the modules this architecture imports lazily (rwkv7, moe)")
     b.add_argument("--with", dest="with_modules", default="",
@@ -120,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--changes", default="", help="the README's 'What changed' text")
     n.add_argument("--date", default=None, help="YYYY-MM-DD (default today, UTC)")
     n.add_argument("--records-dir", default=None, help="default records/ of this repo")
-    n.add_argument("--pack", default="lzma", choices=["lzma", "brotli", "none"])
+    n.add_argument("--pack", default="auto", choices=["auto", "lzma", "brotli", "none"])
     n.add_argument("--force", action="store_true")
     n.set_defaults(fn=cmd_new)
     c = sub.add_parser("compare", help="significance of NEW over BASE (>= 0.005 nats at p < 0.01)")

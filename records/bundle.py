@@ -17,17 +17,26 @@ a default hybrid run imports, in dependency order, into one script:
   means two different things;
 - the trainer comes last, so its `if __name__ == "__main__":` ends the file.
 
-Packed variant (`pack_source`): `train_gpt.py` is a 3-line stub that base85-decodes and decompresses
-(lzma or brotli) the readable source and execs it in its own module namespace with `__file__` left
-as the stub's path, so `ROOT = Path(__file__).resolve().parent` still is the record folder. The
-readable copy is written beside it as `train_gpt_readable.py`. Output is deterministic.
+The counted file (`counted_stub`): the lean source (`lean_source`: the readable bundle without
+docstrings, comments, annotations outside class bodies, unused imports and the top-level definitions
+nothing in the run reaches, re-indented by one space; checked against the same edits made on the
+syntax tree) packed by `pack_source` into a 3-line stub that base85-decodes and decompresses it
+(lzma or brotli, whichever is smaller) and execs it in its own module namespace with `__file__`
+left as the stub's path, so `ROOT = Path(__file__).resolve().parent` still is the record folder.
+The readable bundle is written beside it, unchanged, as `train_gpt_readable.py`. A run from the
+repository logs the size of exactly this stub as code_bytes (train_gpt.counted_code_bytes), and
+`records new` ships it. Output is deterministic: the lean source keeps the readable source's own
+token text (no `ast.unparse`), so it does not depend on the Python version.
 """
 from __future__ import annotations
 
 import ast
 import base64
+import bisect
+import io
 import lzma
 import sys
+import tokenize
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +44,7 @@ PROJECT_PACKAGES = ("hybrid", "quant", "data")
 ENTRY = "train_gpt.py"
 READABLE_NAME = "train_gpt_readable.py"
 LINE_LIMIT = 1500  # the challenge's readability limit for train_gpt.py
-PACKERS = ("lzma", "brotli", "none")
+PACKERS = ("auto", "lzma", "brotli", "none")  # auto: the smaller of lzma and brotli
 # Modules a default (hybrid) run never imports but another --arch does lazily; `--arch` adds them.
 ARCH_MODULES: dict[str, tuple[str, ...]] = {
     "hybrid": (), "gpt": (),
@@ -109,6 +118,28 @@ def collect_modules(root: Path = REPO, extra: tuple[str, ...] = ()) -> list[str]
     return order
 
 
+def canonical_extra(extra) -> tuple[str, ...]:
+    """`extra` sorted, without repeats: a bundle depends on which modules it holds, not on the order a
+    caller named them, so a run's in-memory count and its record's file are the same bytes."""
+    return tuple(sorted(set(extra)))
+
+
+def counted_modules(files, hparams: dict | None = None, root: Path = REPO) -> tuple[str, ...]:
+    """The lazily imported modules a run's counted file holds: the project modules among `files` (the
+    source files the run imported, under `root`) that the default bundle lacks, plus `run_modules`
+    of its hyperparameters (what it imports after counting, e.g. GPTQ at export); sorted. The data
+    helpers (the sample builder) are never bundled."""
+    root = Path(root).resolve()
+    default = set(collect_modules(root))
+    found = set(run_modules(hparams) if hparams is not None else ())
+    for f in files:
+        rel = Path(f).resolve().relative_to(root).with_suffix("")
+        module = ".".join(rel.parts)
+        if rel.parts[0] in ("hybrid", "quant") and module not in default:
+            found.add(module)
+    return canonical_extra(found)
+
+
 def arch_modules(arch: str) -> tuple[str, ...]:
     if arch not in ARCH_MODULES:
         raise BundleError(f"unknown --arch {arch!r}; choose one of {sorted(ARCH_MODULES)}")
@@ -117,12 +148,19 @@ def arch_modules(arch: str) -> tuple[str, ...]:
 
 def run_modules(hparams: dict) -> tuple[str, ...]:
     """The lazily imported modules a run with these hyperparameters needs: its architecture's, GPTQ's
-    when it exported with GPTQ, the fused MLP kernel's when it asked for it."""
+    when it exported with GPTQ, the fused MLP kernel's when it asked for it, the bit packer's when it
+    stored bit-packed ints, the stateful evaluation's when it evaluated that way."""
     extra = list(arch_modules(str(hparams.get("arch", "hybrid"))))
     if int(hparams.get("gptq", 0) or 0):
         extra.append("quant.gptq")
     if str(hparams.get("mlp_fused", "off")) in ("auto", "triton"):
         extra.append("hybrid.fused_mlp")
+    if int(hparams.get("bitpack", 0) or 0):
+        extra.append("quant.bitpack")
+    if str(hparams.get("eval_mode", "sliding")) == "stateful":
+        extra.append("hybrid.stateful")
+    if int(hparams.get("fit_budget", 0) or 0) and (REPO / "quant" / "fit.py").is_file():
+        extra.append("quant.fit")  # the budget fit (train_gpt.finish imports it when FIT_BUDGET=1)
     return tuple(extra)
 
 
@@ -241,7 +279,7 @@ def bundle_source(root: Path = REPO, extra: tuple[str, ...] = ()) -> str:
     """The readable single-file trainer (str, ends with a newline); `extra` adds modules that only
     some runs import lazily (`arch_modules(arch)`)."""
     root = Path(root)
-    modules = collect_modules(root, tuple(extra))
+    modules = collect_modules(root, canonical_extra(extra))
     included = set(modules)
     imports = _Imports()
     owners: dict[str, str] = {}
@@ -281,8 +319,338 @@ def bundle_source(root: Path = REPO, extra: tuple[str, ...] = ()) -> str:
     return "\n".join(out) + "\n"
 
 
-def pack_source(source: str, method: str = "lzma") -> str:
-    """A self-extracting stub that execs `source` (lzma: raw LZMA2 stream; brotli: quality 11)."""
+# ---------------------------------------------------------------------------------------------
+# The counted file: the lean source of the readable bundle, packed into a self-extracting stub
+# ---------------------------------------------------------------------------------------------
+
+# Calls a top-level assignment may make and still be dropped when nothing reads its name.
+_PURE_CALLS = frozenset({"dict", "tuple", "list", "set", "frozenset", "range", "sorted", "int", "float", "str",
+                         "bool", "len"})
+# Decorators that only wrap the definition (anything else may register it somewhere: it stays).
+_PURE_DECORATORS = frozenset({"dataclass", "dataclasses.dataclass", "contextmanager", "contextlib.contextmanager",
+                              "torch.no_grad", "torch.inference_mode", "torch.compile", "staticmethod",
+                              "classmethod", "property", "functools.cache", "functools.lru_cache", "lru_cache",
+                              "cache", "functools.wraps"})
+_STRING_TYPES = {tokenize.STRING}
+_FSTRING_START = getattr(tokenize, "FSTRING_START", None)  # Python >= 3.12 splits f-strings into tokens
+_FSTRING_END = getattr(tokenize, "FSTRING_END", None)
+
+
+def _split_string(token: str) -> tuple[str, str, str] | None:
+    """(lower-case prefix, quote, body) of a one-line, single-quoted string literal; None otherwise."""
+    k = 0
+    while token[k] not in "'\"":
+        k += 1
+    prefix, quote = token[:k].lower(), token[k]
+    if token[k:k + 3] == quote * 3 or "\n" in token:
+        return None
+    return prefix, quote, token[k + 1:-1]
+
+
+def _join_strings(a: str, b: str) -> str | None:
+    """One literal for the implicitly concatenated literals `a b` when both have the same prefix and
+    quote (the value is the same), else None."""
+    sa, sb = _split_string(a), _split_string(b)
+    if sa is None or sb is None or sa[:2] != sb[:2]:
+        return None
+    return a[:-1] + sb[2] + sa[1]
+
+
+def _is_docstring(node: ast.AST) -> bool:
+    return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+
+
+def _names_used(nodes) -> set[str]:
+    """Every name a node mentions (any context, `global`/`nonlocal` included) plus every string constant
+    that is an identifier (a name looked up by string: getattr, registries)."""
+    used: set[str] = set()
+    for node in nodes:
+        for n in ast.walk(node):
+            if isinstance(n, ast.Name):
+                used.add(n.id)
+            elif isinstance(n, (ast.Global, ast.Nonlocal)):
+                used.update(n.names)
+            elif isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value.isidentifier():
+                used.add(n.value)
+    return used
+
+
+def _dotted(node: ast.expr) -> str:
+    """`a.b.c` for a Name or an Attribute chain on a Name, else ""."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(parts)]) if isinstance(node, ast.Name) else ""
+
+
+def _pure_decorator(node: ast.expr) -> bool:
+    """A decorator that only wraps what it decorates (a registering one, such as a custom op's
+    `register_fake`, is a side effect: its definition always stays)."""
+    return _dotted(node.func if isinstance(node, ast.Call) else node) in _PURE_DECORATORS
+
+
+def _droppable_names(node: ast.stmt) -> set[str] | None:
+    """The names a top-level statement defines if dropping it (when nothing uses them) has no other
+    effect: a def or a class whose decorators only wrap it, or an assignment to plain names of a value
+    that calls nothing but `_PURE_CALLS`. None: the statement always stays (it runs code, or binds
+    in another way)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        if not all(_pure_decorator(d) for d in node.decorator_list):
+            return None
+        if isinstance(node, ast.ClassDef) and node.keywords:  # metaclass=...: may register the class
+            return None
+        return {node.name}
+    if isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+        if not all(isinstance(t, ast.Name) for t in targets):
+            return None
+        calls = [c for c in ast.walk(node.value) if isinstance(c, ast.Call)]
+        if all(isinstance(c.func, ast.Name) and c.func.id in _PURE_CALLS for c in calls):
+            return {t.id for t in targets}
+    return None
+
+
+def _reachable(body: list[ast.stmt]) -> set[int]:
+    """Indices of the top-level statements the script reaches: every statement that runs code (the
+    `if __name__` block, module-level calls, imports) and, transitively, the definitions of every
+    name a reached statement mentions."""
+    defines: dict[str, list[int]] = {}
+    keep: set[int] = set()
+    todo: list[str] = []
+    for i, node in enumerate(body):
+        names = _droppable_names(node)
+        if names is None:
+            keep.add(i)
+            if not isinstance(node, (ast.Import, ast.ImportFrom)):
+                todo += _names_used([node])
+        else:
+            for name in names:
+                defines.setdefault(name, []).append(i)
+    seen: set[str] = set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for i in defines.get(name, ()):
+            if i not in keep:
+                keep.add(i)
+                todo += _names_used([body[i]])
+    return keep
+
+
+class _Lean:
+    """Edits of the readable source, each made twice: as a text edit (range of the source -> text or
+    nothing) and on the syntax tree, so the result can be checked against the tree."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.lines = source.split("\n")
+        self.tree = ast.parse(source)
+        self.edits: list[tuple[tuple[int, int], tuple[int, int], str | None]] = []
+        self.tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+        self.token_starts = [t.start for t in self.tokens]
+
+    # positions: (row, column in characters); the syntax tree counts columns in UTF-8 bytes
+    def pos(self, row: int, byte_col: int) -> tuple[int, int]:
+        return row, len(self.lines[row - 1].encode("utf-8")[:byte_col].decode("utf-8"))
+
+    def start(self, node: ast.AST) -> tuple[int, int]:
+        first = node.decorator_list[0] if getattr(node, "decorator_list", None) else node
+        return self.pos(first.lineno, first.col_offset - (1 if first is not node else 0))
+
+    def end(self, node: ast.AST) -> tuple[int, int]:
+        return self.pos(node.end_lineno, node.end_col_offset)
+
+    def drop(self, start, end, text: str | None = None) -> None:
+        self.edits.append((start, end, text))
+
+    def drop_annotation(self, after: tuple[int, int], annotation: ast.AST) -> None:
+        """Drop `: ann` / `-> ann`: from the first token at or after `after` to the annotation's end."""
+        self.drop(after, self.end(annotation))
+
+    def body(self, owner: ast.AST, attr: str, docstring: bool) -> None:
+        """Drop a body's docstring (docstring=True) and its `pass` statements that have company; an
+        emptied body becomes `pass`."""
+        stmts = getattr(owner, attr)
+        gone = [s for i, s in enumerate(stmts) if (docstring and i == 0 and _is_docstring(s))]
+        rest = [s for s in stmts if s not in gone]
+        if len(rest) > 1:
+            gone += [s for s in rest if isinstance(s, ast.Pass)]
+        rest = [s for s in stmts if s not in gone]
+        for j, s in enumerate(gone):
+            self.drop(self.start(s), self.end(s), "pass" if not rest and j == 0 else None)
+        setattr(owner, attr, rest or [ast.Pass()])
+
+    def run(self) -> str:
+        tree = self.tree
+        keep = _reachable(tree.body)
+        for i, node in enumerate(tree.body):
+            if i not in keep:
+                self.drop(self.start(node), self.end(node))
+        tree.body = [n for i, n in enumerate(tree.body) if i in keep]
+        used = _names_used(n for n in tree.body if not isinstance(n, (ast.Import, ast.ImportFrom)))
+        new_body = []
+        for node in tree.body:
+            new_body.append(self.prune_import(node, used) if isinstance(node, (ast.Import, ast.ImportFrom)) else node)
+        tree.body = [n for n in new_body if n is not None]
+        self.strip(tree, in_class=False)
+        if "__doc__" not in used:
+            self.body(tree, "body", docstring=True)
+        return self.emit()
+
+    def prune_import(self, node, used: set[str]):
+        if isinstance(node, ast.ImportFrom) and node.module == "__future__":
+            return node
+        names = [a for a in node.names if (a.asname or a.name.split(".")[0]) in used]
+        if len(names) == len(node.names):
+            return node
+        if not names:
+            self.drop(self.start(node), self.end(node))
+            return None
+        spelled = ",".join(a.name + (f" as {a.asname}" if a.asname else "") for a in names)
+        text = f"from {node.module} import {spelled}" if isinstance(node, ast.ImportFrom) else f"import {spelled}"
+        self.drop(self.start(node), self.end(node), text)
+        return ast.parse(text).body[0]
+
+    def strip(self, node: ast.AST, in_class: bool) -> None:
+        """Docstrings and annotations of everything under `node` (class-level annotated fields stay:
+        dataclasses and NamedTuples are made of them)."""
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = child.args
+                for arg in a.posonlyargs + a.args + a.kwonlyargs + [a.vararg, a.kwarg]:
+                    if arg is not None and arg.annotation is not None:
+                        self.drop_annotation(self.pos(arg.lineno, arg.col_offset + len(arg.arg.encode("utf-8"))),
+                                             arg.annotation)
+                        arg.annotation = None
+                if child.returns is not None:
+                    arrow = self.token_before(self.start_of(child.returns), "->")
+                    self.drop_annotation(arrow, child.returns)
+                    child.returns = None
+                self.strip(child, in_class=False)
+                self.body(child, "body", docstring=True)
+            elif isinstance(child, ast.ClassDef):
+                self.strip(child, in_class=True)
+                self.body(child, "body", docstring=True)
+            else:
+                self.strip(child, in_class=in_class)
+                for attr in ("body", "orelse", "finalbody"):
+                    if isinstance(getattr(child, attr, None), list) and getattr(child, attr) \
+                            and isinstance(getattr(child, attr)[0], ast.stmt):
+                        self.body(child, attr, docstring=False)
+        for attr in ("body", "orelse", "finalbody"):
+            stmts = getattr(node, attr, None)
+            if not isinstance(stmts, list):
+                continue
+            for k, s in enumerate(stmts):
+                if isinstance(s, ast.AnnAssign) and s.value is not None and not in_class:
+                    self.drop_annotation(self.end(s.target), s.annotation)
+                    stmts[k] = ast.Assign(targets=[s.target], value=s.value)
+
+    def start_of(self, node: ast.AST) -> tuple[int, int]:
+        return self.pos(node.lineno, node.col_offset)
+
+    def token_before(self, at: tuple[int, int], text: str) -> tuple[int, int]:
+        i = bisect.bisect_left(self.token_starts, at) - 1
+        while i >= 0 and self.tokens[i].string != text:
+            i -= 1
+        if i < 0:
+            raise BundleError(f"lean: no {text!r} before line {at[0]}")
+        return self.tokens[i].start
+
+    def emit(self) -> str:
+        """The source without the edited ranges, comments and blank lines; one space per indent level,
+        a space between tokens only where two tokens would otherwise fuse."""
+        edits = sorted(self.edits)
+        for (s0, e0, _), (s1, _, _) in zip(edits, edits[1:]):
+            if s1 < e0:
+                raise BundleError(f"lean: overlapping edits at lines {s0[0]} and {s1[0]}")
+        offsets = [0]
+        for line in self.lines:
+            offsets.append(offsets[-1] + len(line) + 1)
+        out: list[str] = []
+        line: list[str] = []
+        prev: tuple[str, int] | None = None  # (text, kind): kind 1 string, 2 number, 0 other
+        depth, e, i, toks = 0, 0, 0, self.tokens
+        replaced: set[int] = set()
+        while i < len(toks):
+            tok = toks[i]
+            i += 1
+            if tok.type == tokenize.INDENT:
+                depth += 1
+                continue
+            if tok.type == tokenize.DEDENT:
+                depth -= 1
+                continue
+            if tok.type == tokenize.NEWLINE:
+                if line:
+                    out.append(" " * depth + "".join(line))
+                line, prev = [], None
+                continue
+            if tok.type in (tokenize.NL, tokenize.COMMENT, tokenize.ENDMARKER, tokenize.ENCODING):
+                continue
+            while e < len(edits) and edits[e][1] <= tok.start:
+                e += 1
+            if e < len(edits) and edits[e][0] <= tok.start:
+                if edits[e][2] is None or e in replaced:
+                    continue
+                replaced.add(e)  # a replacement's text goes where its range's first token was
+                piece, kind = edits[e][2], 0
+            elif tok.type == _FSTRING_START:
+                level, j = 1, i
+                while level:
+                    level += {_FSTRING_START: 1, _FSTRING_END: -1}.get(toks[j].type, 0)
+                    j += 1
+                end = toks[j - 1].end
+                piece = self.source[offsets[tok.start[0] - 1] + tok.start[1]:offsets[end[0] - 1] + end[1]]
+                kind, i = 1, j
+            else:
+                piece = tok.string
+                kind = 1 if tok.type in _STRING_TYPES else 2 if tok.type == tokenize.NUMBER else 0
+            if prev is not None and prev[1] == 1 and kind == 1:
+                merged = _join_strings(prev[0], piece)
+                if merged is not None:  # "a" "b" -> "ab": one literal, the same value
+                    line[-1] = merged
+                    prev = (merged, 1)
+                    continue
+            if prev is not None:
+                a, b = prev[0][-1], piece[0]
+                if (prev[1] == 1 and kind == 1) or (prev[1] == 2 and (b.isalnum() or b in "._")) \
+                        or ((a.isalnum() or a == "_") and (b.isalnum() or b == "_")):
+                    line.append(" ")
+            line.append(piece)
+            prev = (piece, kind)
+        text = "\n".join(out) + "\n"
+        got, want = ast.dump(ast.parse(text)), ast.dump(self.tree)
+        if got != want:
+            raise BundleError("lean: the edited source does not parse to the edited syntax tree "
+                              "(a bundler bug; the readable bundle is unaffected)")
+        return text
+
+
+def lean_source(source: str) -> str:
+    """The code of a readable bundle that a run executes, small: no docstrings, comments, blank
+    lines, annotations outside class bodies (the bundle has `from __future__ import annotations`, so
+    they are never evaluated), `pass` next to other statements, unused imports, or top-level
+    definitions nothing reaches (reference implementations, readers of other formats: see
+    `_reachable`); one space per indent level. Every other token is the readable source's own text.
+    The edits are made on the syntax tree too and the result must parse to it (BundleError if not)."""
+    return _Lean(source).run()
+
+
+def pack_source(source: str, method: str = "auto") -> str:
+    """A self-extracting stub that execs `source` (lzma: raw LZMA2 stream; brotli: quality 11; auto:
+    whichever stub is smaller, lzma on a tie or where brotli is not installed; brotli is in the
+    requirements, so the two sides of a record, the run and `records new`, both have it)."""
+    if method == "auto":
+        try:
+            import brotli  # noqa: F401
+        except ImportError:
+            return pack_source(source, "lzma")
+        stubs = [pack_source(source, m) for m in ("lzma", "brotli")]
+        return min(stubs, key=lambda stub: len(stub.encode("utf-8")))
     data = source.encode("utf-8")
     if method == "lzma":
         blob = lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
@@ -295,17 +663,26 @@ def pack_source(source: str, method: str = "lzma") -> str:
         head = "import brotli as _z,base64 as _b\n"
         call = "_z.decompress(_b.b85decode(_s))"
     else:
-        raise BundleError(f"unknown pack method {method!r}; choose lzma or brotli")
+        raise BundleError(f"unknown pack method {method!r}; choose auto, lzma or brotli")
     enc = base64.b85encode(blob).decode("ascii")
     return f'{head}_s="{enc}"\nexec(compile({call},__file__,"exec"))\n'
 
 
-def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO, arch: str = "hybrid",
+def counted_stub(root: Path = REPO, extra: tuple[str, ...] = (), pack: str = "auto") -> str:
+    """The counted train_gpt.py of a run that imported the `extra` modules lazily: the lean source of
+    `bundle_source(root, extra)` in a self-extracting stub, what `write_bundle` writes (and
+    train_gpt.counted_code_bytes builds the same way)."""
+    return pack_source(lean_source(bundle_source(root, extra)), pack)
+
+
+def write_bundle(out_dir: Path, pack: str = "auto", root: Path = REPO, arch: str = "hybrid",
                  extra: tuple[str, ...] = ()) -> dict:
-    """Write out_dir/train_gpt.py (packed stub, or the readable source for pack='none') and, when
-    packed, out_dir/train_gpt_readable.py, holding what an `arch` run imports plus the `extra`
-    modules (`run_modules`). Returns sizes and line counts."""
-    extra = tuple(dict.fromkeys(arch_modules(arch) + tuple(extra)))
+    """Write out_dir/train_gpt.py and, when packed, the readable bundle beside it as
+    out_dir/train_gpt_readable.py, holding what an `arch` run imports plus the `extra` modules
+    (`run_modules`). Packed (auto | lzma | brotli), train_gpt.py is the stub of the lean source
+    (`counted_stub`, the file a record counts); pack='none' writes the readable bundle itself as
+    train_gpt.py. Returns sizes and line counts."""
+    extra = canonical_extra(arch_modules(arch) + tuple(extra))
     if pack not in PACKERS:
         raise BundleError(f"unknown --pack {pack!r}; choose one of {PACKERS}")
     out_dir = Path(out_dir)
@@ -317,8 +694,10 @@ def write_bundle(out_dir: Path, pack: str = "lzma", root: Path = REPO, arch: str
     info = {"readable": str(readable), "readable_lines": source.count("\n"),
             "readable_bytes": len(source.encode("utf-8")), "modules": collect_modules(root, extra)}
     if pack != "none":
-        packed = pack_source(source, pack)
+        lean = lean_source(source)
+        packed = pack_source(lean, pack)
         (out_dir / ENTRY).write_text(packed, encoding="utf-8")
         info.update(packed=str(out_dir / ENTRY), packed_bytes=len(packed.encode("utf-8")),
-                    packed_lines=packed.count("\n"))
+                    packed_lines=packed.count("\n"), lean_bytes=len(lean.encode("utf-8")),
+                    lean_lines=lean.count("\n"), packer=packed.split()[1])
     return info

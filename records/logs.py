@@ -1,8 +1,9 @@
 """Parse the trainer's logs (logs/<run_id>.txt): hyperparameters, curves and final numbers.
 
 Only lines that start with a known key are read (`hparam:`, `step:N/M train_loss:`, `step:N/M
-val_loss:`, `final_prequant`, `artifact_bytes:`, `final_int{bits}_{compressor}_roundtrip_exact`), so
-the source code the log starts with (indented f-strings) never matches.
+val_loss:`, `final_prequant`, `artifact_bytes:`, `code_modules:`,
+`final_int{bits}_{compressor}_roundtrip_exact`), so the source code the log starts with (indented
+f-strings) never matches.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ _BYTES = re.compile(r"^artifact_bytes:(\d+) code_bytes:(\d+) model_bytes:(\d+)")
 _FINAL = re.compile(r"^final_int(\d+)_(\w+?)_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
 _FINAL_MODE = re.compile(r"^final_int\d+_\w+?_roundtrip eval:(\S+) ")
 _STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)")
+_CODE_MODULES = re.compile(r"^code_modules:(\S*)$")
 
 
 class LogError(ValueError):
@@ -43,6 +45,7 @@ class RunLog:
     artifact_bytes: int | None = None
     code_bytes: int | None = None
     model_bytes: int | None = None
+    code_modules: tuple | None = None  # the lazily imported modules its counted code bundled (repo runs)
     stopped_early: bool = False
 
     @property
@@ -95,6 +98,8 @@ def parse_log(path) -> RunLog:
             r.eval_mode = m.group(1)
         elif _STOP.match(line):
             r.stopped_early = True
+        elif m := _CODE_MODULES.match(line):
+            r.code_modules = tuple(x for x in m.group(1).split(",") if x)
     if r.val_bpb is None:
         raise LogError(f"{path}: no `final_int*_roundtrip_exact` line: not a finished train_gpt.py run log")
     return r

@@ -2,7 +2,8 @@
 
 Checks, each a line of the report; any failure makes the exit status non-zero:
 1. bytes: code = size of FOLDER/train_gpt.py, model = size of FOLDER/final_model.ptz; their sum is at
-   most 16,000,000 and equals submission.json's bytes_code / bytes_total;
+   most 16,000,000 and equals submission.json's bytes_code / bytes_total; the code bytes equal every
+   log's code_bytes (the run budgeted with what its record ships);
 2. the artifact is read with the pickle-free reader of quant/artifact.py (file and decompressed
    sizes bounded, every field validated; a malformed or hostile file is a clean ArtifactError) and
    loaded strictly into a fresh model built from config.json's model_config;
@@ -124,6 +125,9 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
             check(False, str(exc))
     if not check(bool(logs), f"logs: {len(logs)} parsed ({', '.join(cfg.get('logs', [])) or 'none listed'})"):
         return failures
+    for r in logs:  # the run budgeted with the code bytes it logged: the shipped file must be those bytes
+        if r.code_bytes is not None:
+            check(r.code_bytes == code, f"code_bytes: {r.path.name} logged {r.code_bytes} vs train_gpt.py {code}")
     mean_loss = sum(r.val_loss for r in logs) / len(logs)
     mean_bpb = sum(r.val_bpb for r in logs) / len(logs)
     check(_close(sub.get("val_bpb", math.nan), mean_bpb, rel_tol),

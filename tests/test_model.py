@@ -79,8 +79,8 @@ def test_hybrid_default_param_count_matches_formula():
     assert cfg == ModelConfig(**ARCH_DEFAULTS["hybrid"])
     with torch.device("meta"):
         model = HybridGPT(cfg)
-    # 29,361,188 at MLP3x minus 12 layers × 2 × 512 × (1536 − 896) = 21,496,868
-    assert count_params(model) == expected_params(cfg) == 21_496_868
+    # MLP3x (hidden 1536): 21,496,868 at hidden 896 plus 12 layers × 2 × 512 × (1536 − 896)
+    assert count_params(model) == expected_params(cfg) == 29_361_188
     assert cfg.attn_layers == [3, 6, 9, 11] and cfg.xsa_layer_ids == [3, 6, 9, 11] and cfg.ve_layer_ids == [9, 11]
     assert [b.mixer.window for b in model.blocks if b.kind != "T"] == [128, 128, 128, None]
 

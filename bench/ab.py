@@ -1,0 +1,194 @@
+"""A/B runs of the trainer: arms × seeds, one table, the significance test, the loss curves.
+
+  python -m bench.ab --out runs/ab --preset smoke --seeds 1,2,3 --jobs 2 \\
+      --arm "mlp175: MLP_MULT=1.75 QUANT_CLIP=mse GPTQ=0" \\
+      --arm "mlp3:   MLP_MULT=3 QUANT_CLIP=sdclip SD_K_MATRIX=9 GPTQ=1" \\
+      --env DATA_PATH=./data/datasets/debdocs_sp1024 --env TOKENIZER_PATH=./data/tokenizers/debdocs_1024_bpe.model
+
+Every (arm, seed) is one `python train_gpt.py` process with the common `--env` settings, then the
+arm's, then RUN_ID=<arm>_s<seed>, SEED=<seed>, LOG_DIR=<out>. A run whose log already ends with a
+round-trip score is not repeated, so an interrupted A/B continues where it stopped. `--jobs 2` runs
+two processes at once with one thread each (on a 2-core machine that is faster in total than one
+process with two threads, and the runs do not thrash each other).
+
+Output: per run and per arm (mean ± sample std over seeds) the round-trip val_bpb, the pre-quant
+val_bpb, the quantization gap, model and code bytes, steps and training time; then each later arm
+against the first with `records compare`'s one-sided Welch t-test on val_loss (nats) at margin 0
+(is the difference real at all?) and at the challenge's 0.005. A markdown copy goes to
+<out>/ab.md, the numbers to <out>/ab.json, and with matplotlib the train-loss curves of every run
+to <out>/curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from records.logs import LogError, parse_log
+from records.stats import compare_losses
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def parse_assignments(text: str, where: str) -> dict[str, str]:
+    """"A=1 B=x" -> {"A": "1", "B": "x"}; SystemExit naming `where` on a malformed item."""
+    out = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key.isupper():
+            raise SystemExit(f"{where}: {item!r} is not VAR=value (upper-case variable names)")
+        out[key] = value
+    return out
+
+
+def parse_arm(spec: str) -> tuple[str, dict[str, str]]:
+    """"name: VAR=v VAR2=w" -> ("name", {...})."""
+    name, sep, rest = spec.partition(":")
+    name = name.strip()
+    if not sep or not name or not name.replace("-", "").replace("_", "").isalnum():
+        raise SystemExit(f"--arm {spec!r}: write it as 'name: VAR=value ...' (name of letters, digits, - or _)")
+    return name, parse_assignments(rest, f"--arm {name}")
+
+
+def finished(log: Path) -> bool:
+    try:
+        return parse_log(log).val_bpb is not None
+    except (OSError, LogError):
+        return False
+
+
+def run_one(out: Path, name: str, seed: int, env: dict[str, str], preset: str, threads: int) -> Path:
+    run_id = f"{name}_s{seed}"
+    log = out / f"{run_id}.txt"
+    if finished(log):
+        return log
+    log.unlink(missing_ok=True)  # a half-written log from an interrupted run would be appended to
+    child = dict(os.environ, **env, RUN_ID=run_id, SEED=str(seed), LOG_DIR=str(out),
+                 ARTIFACT_PATH=str(out / f"{run_id}.ptz"), CHECKPOINT_DIR=str(out / "ck" / run_id))
+    if threads:
+        child["OMP_NUM_THREADS"] = str(threads)
+    cmd = [sys.executable, str(ROOT / "train_gpt.py")] + (["--preset", preset] if preset else [])
+    t = time.perf_counter()
+    with open(out / f"{run_id}.stdout", "w") as f:
+        rc = subprocess.run(cmd, cwd=ROOT, env=child, stdout=f, stderr=subprocess.STDOUT).returncode
+    print(f"{run_id}: exit {rc} in {time.perf_counter() - t:.0f}s", flush=True)
+    if rc != 0:
+        raise SystemExit(f"{run_id} failed (exit {rc}); see {out / (run_id + '.stdout')}")
+    return log
+
+
+def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
+    runs = {}
+    for (name, seed), path in logs.items():
+        r = parse_log(path)
+        runs[f"{name}_s{seed}"] = dict(arm=name, seed=seed, val_bpb=r.val_bpb, val_loss=r.val_loss,
+                                       pre_bpb=r.pre_val_bpb, gap=(r.val_bpb - r.pre_val_bpb
+                                                                   if r.pre_val_bpb is not None else None),
+                                       model_bytes=r.model_bytes, code_bytes=r.code_bytes, steps=r.steps,
+                                       train_s=r.train_seconds, curve=[(s, l) for s, l, _ in r.train])
+    per_arm = {}
+    for name in arms:
+        rs = [v for v in runs.values() if v["arm"] == name]
+
+        def stat(key):
+            xs = [v[key] for v in rs if v[key] is not None]
+            return (statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0) if xs else (None, None)
+
+        per_arm[name] = {k: stat(k) for k in ("val_bpb", "val_loss", "pre_bpb", "gap", "model_bytes", "train_s")}
+        per_arm[name]["n"] = len(rs)
+    tests = []
+    base = [v["val_loss"] for v in runs.values() if v["arm"] == arms[0]]
+    for name in arms[1:]:
+        new = [v["val_loss"] for v in runs.values() if v["arm"] == name]
+        for margin in (0.0, 0.005):
+            if len(new) > 1 and len(base) > 1:
+                c = compare_losses(new, base, margin=margin)
+                tests.append(dict(new=name, base=arms[0], margin=margin, lines=c.lines(),
+                                  significant=c.significant))
+    return dict(runs=runs, arms=per_arm, tests=tests)
+
+
+def markdown(summary: dict) -> str:
+    def f(x, fmt):
+        return "-" if x is None else format(x, fmt)
+
+    out = ["| run | steps | train s | pre-quant val_bpb | round-trip val_bpb | quant gap | model bytes | code bytes |",
+           "|---|---|---|---|---|---|---|---|"]
+    for rid, v in sorted(summary["runs"].items()):
+        out.append(f"| {rid} | {v['steps']} | {f(v['train_s'], '.0f')} | {f(v['pre_bpb'], '.4f')} | "
+                   f"{f(v['val_bpb'], '.4f')} | {f(v['gap'], '+.4f')} | {f(v['model_bytes'], ',')} | "
+                   f"{f(v['code_bytes'], ',')} |")
+    out += ["", "| arm | seeds | round-trip val_bpb (mean ± std) | pre-quant val_bpb | quant gap | model bytes |",
+            "|---|---|---|---|---|---|"]
+    for name, a in summary["arms"].items():
+        m, s = a["val_bpb"]
+        out.append(f"| {name} | {a['n']} | {f(m, '.4f')} ± {f(s, '.4f')} | {f(a['pre_bpb'][0], '.4f')} | "
+                   f"{f(a['gap'][0], '+.4f')} | {f(a['model_bytes'][0], ',.0f')} |")
+    for t in summary["tests"]:
+        out += ["", f"{t['new']} vs {t['base']}, margin {t['margin']} nats:", "```", *t["lines"], "```"]
+    return "\n".join(out) + "\n"
+
+
+def plot(summary: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colors = {name: f"C{i}" for i, name in enumerate(summary["arms"])}
+    for rid, v in sorted(summary["runs"].items()):
+        if v["curve"]:
+            xs, ys = zip(*v["curve"])
+            ax.plot(xs, ys, color=colors[v["arm"]], alpha=0.7, label=rid)
+    ax.set_xlabel("step")
+    ax.set_ylabel("train loss (nats)")
+    ax.legend(fontsize=7)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arm", action="append", required=True, help="'name: VAR=value ...' (the first is the base)")
+    ap.add_argument("--env", action="append", default=[], help="VAR=value for every run")
+    ap.add_argument("--seeds", default="1,2,3")
+    ap.add_argument("--preset", default="smoke")
+    ap.add_argument("--out", default="runs/ab")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once (each with 1 thread when > 1)")
+    a = ap.parse_args(argv)
+    arms = dict(parse_arm(s) for s in a.arm)
+    if len(arms) != len(a.arm):
+        raise SystemExit("--arm names must be unique")
+    common = parse_assignments(" ".join(a.env), "--env")
+    seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    jobs = [(name, seed) for seed in seeds for name in arms]  # seed-major: early results cover every arm
+    threads = 1 if a.jobs > 1 else 0
+    with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
+        futures = {job: pool.submit(run_one, out, job[0], job[1], {**common, **arms[job[0]]}, a.preset, threads)
+                   for job in jobs}
+        logs = {job: fut.result() for job, fut in futures.items()}
+    summary = summarize(list(arms), logs)
+    summary["command"] = " ".join([sys.executable.split("/")[-1], "-m", "bench.ab"] + (argv or sys.argv[1:]))
+    text = markdown(summary)
+    print(text)
+    (out / "ab.md").write_text(text)
+    (out / "ab.json").write_text(json.dumps(summary, indent=1))
+    if plot(summary, out / "curves.png"):
+        print(f"curves: {out / 'curves.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
