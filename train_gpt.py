@@ -36,7 +36,6 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.bpb import build_byte_luts, load_tokenizer
 from data.loader import DistributedTokenLoader
 from data.shards import load_validation_tokens
-from hybrid.checkpoint import load_checkpoint, resolve_resume, save_checkpoint
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
 from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate, evaluate_stateful
 from hybrid.model import HybridGPT, check_stateful, expert_load_summary, named_model_preset
@@ -57,7 +56,7 @@ class Hyperparameters:
     run_id: str = field(default="", metadata={"help": "name of the log/checkpoint files (default: a uuid)"})
     seed: int = field(default=1337, metadata={"help": "torch seed for the model's initialisation"})
     arch: str = field(default="hybrid", metadata={"help": "model family: hybrid | gpt | rwkv7 | moe"})
-    preset: str = field(default="", metadata={"help": "named bundle of settings: smoke | tiny (see PRESETS); "
+    preset: str = field(default="", metadata={"help": "named bundle of settings: smoke | tiny (hybrid/presets.py); "
                                                      "rize | rish | rwkv7-191m report the seeds' sizes and exit"})
     # --- data ----------------------------------------------------------------------------------
     data_path: str = field(default="./data/datasets/fineweb10B_sp1024",
@@ -227,27 +226,8 @@ ARCH_TRAIN_DEFAULTS = {
                 matrix_bits=8, embed_bits=8, eval_stride=1024, **_MEASURED_EXPORT),
 }
 
-# Presets change the scale of a run, not its recipe: a feature the arch switches off (value 0, such
-# as the gpt control's EMA or BigramHash) stays off under any preset. `smoke`: the offline sample corpus, a narrow
-# hybrid with the full 12-layer pattern, a few minutes on 2 CPU cores. `tiny`: seconds, for tests.
-PRESETS = {
-    "smoke": dict(data_path="./data/datasets/sample_sp1024", tokenizer_path="./data/tokenizers/sample_1024_bpe.model",
-                  model_dim=128, num_heads=4, num_kv_heads=2, attn_window=64, train_seq_len=256,
-                  train_batch_tokens=8192, grad_accum_base=1, iterations=200, warmdown_iters=60,
-                  max_wallclock_seconds=0.0, muon_momentum_warmup_steps=50, val_loss_every=100,
-                  val_max_tokens=65536, train_log_every=20, eval_stride=64, eval_batch_seqs=64,
-                  matrix_lr=0.02, bigram_buckets=512, ve_dim=32, bigram_dim=32, ema_decay=0.95,
-                  gptq_seqs=16, gptq_seq_len=256),
-    "tiny": dict(data_path="./data/datasets/sample_sp1024", tokenizer_path="./data/tokenizers/sample_1024_bpe.model",
-                 num_layers=4, layer_pattern="TWTF", model_dim=64, num_heads=4, num_kv_heads=2, attn_window=16,
-                 train_seq_len=64, train_batch_tokens=1024, grad_accum_base=2, iterations=30, warmdown_iters=10,
-                 max_wallclock_seconds=0.0, muon_momentum_warmup_steps=10, val_loss_every=0,
-                 val_max_tokens=8192, train_log_every=5, eval_stride=32, eval_batch_seqs=64,
-                 bigram_buckets=128, bigram_dim=16, ve_dim=16, ema_decay=0.9,
-                 gptq_seqs=8, gptq_seq_len=32, gptq_batch=8),
-}
-# `tiny`'s four layers per family (the hybrid's letters would not be valid RWKV or MoE patterns).
-TINY_PATTERNS = {"hybrid": "TWTF", "gpt": "FFFF", "rwkv7": "RRRR", "moe": "TtWf"}
+# `--preset smoke | tiny` (hybrid/presets.py: imported, and counted, only by the runs that use one);
+# `rize | rish | rwkv7-191m` report the seed models' sizes instead of training.
 SEED_PRESETS = ("rize", "rish", "rwkv7-191m")
 
 
@@ -288,16 +268,11 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     preset = explicit("preset") or ""
     if preset in SEED_PRESETS:
         return Hyperparameters(arch=arch, preset=preset)
-    if preset and preset not in PRESETS:
-        raise ValueError(f"unknown --preset {preset!r}; choose one of {sorted(PRESETS)}")
     values = dict(ARCH_TRAIN_DEFAULTS[arch])
-    arch_all = dict(ARCH_DEFAULTS[arch], **values)
-    for name, value in PRESETS.get(preset, {}).items():
-        if arch_all.get(name) in (0, 0.0, False):
-            continue  # a preset rescales a run; it never switches on what the arch switches off
-        values[name] = value
-    if preset == "tiny":
-        values["layer_pattern"] = TINY_PATTERNS[arch]
+    if preset:
+        from hybrid.presets import run_preset
+
+        values.update(run_preset(preset, arch, dict(ARCH_DEFAULTS[arch], **values)))
     for name in kinds:
         value = explicit(name)
         if value is not None:
@@ -523,19 +498,16 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             ema = EMA(model, h.ema_decay)
         log(f"warmup:done steps:{warmup_steps} state:restored")
 
-    # --- resume --------------------------------------------------------------------------------
+    # --- checkpoints and resume (hybrid/checkpoint.py: imported, and counted, only by runs that use it) --
     checkpoint_dir = Path(h.checkpoint_dir or f"checkpoints/{h.run_id}")
     step, train_ms, qat_on = 0, 0.0, False
-    resume_path = resolve_resume(h.resume, checkpoint_dir)
+    resume_path = None
+    if h.checkpoint_every > 0 or h.resume:
+        from hybrid.checkpoint import resolve_resume, restore_training, write_checkpoint
+
+        resume_path = resolve_resume(h.resume, checkpoint_dir)
     if resume_path is not None:
-        state = load_checkpoint(resume_path, map_location=device)
-        model.load_state_dict(state["model"])
-        for opt, opt_state in zip(optimizers, state["optimizers"]):
-            opt.load_state_dict(opt_state)
-        if ema is not None and state["ema"] is not None:
-            ema.load_state_dict(state["ema"])
-        loader.load_state_dict(state["loader"])
-        step, train_ms, qat_on = state["step"], state["train_ms"], state["qat_on"]
+        step, train_ms, qat_on = restore_training(resume_path, model, optimizers, ema, loader, device)
         set_qat(model, qat_on, precision_fn)
         log(f"resume:from {resume_path} step:{step} train_time:{train_ms:.0f}ms qat:{int(qat_on)}")
     last_checkpoint = resume_path
@@ -653,25 +625,6 @@ def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
                  if last_checkpoint else "no checkpoint was written (set CHECKPOINT_EVERY to keep one)")
         raise NonFiniteLoss(f"non-finite train loss (nan/inf) at step {s}: stopping. {where}. "
                             f"Lower the learning rates or set GRAD_CLIP_NORM before retrying.")
-
-
-def write_checkpoint(h, rt, checkpoint_dir, model, optimizers, ema, loader, step, train_ms, qat_on, log):
-    for opt in optimizers:
-        if isinstance(opt, Muon):
-            opt.gather_state()  # collective: every rank takes part
-    path = checkpoint_dir / f"step_{step:06d}.pt"
-    if rt.is_main:
-        t = time.perf_counter()
-        kwargs = dict(model=model, optimizers=optimizers, ema=ema, loader_state=loader.state_dict(), step=step,
-                      train_ms=train_ms, qat_on=qat_on, hparams=asdict(h))
-        save_checkpoint(path, **kwargs)
-        save_checkpoint(checkpoint_dir / "latest.pt", **kwargs)
-        old = sorted(checkpoint_dir.glob("step_*.pt"))[:-h.checkpoint_keep] if h.checkpoint_keep > 0 else []
-        for p in old:
-            p.unlink()
-        log(f"checkpoint:saved step:{step} path:{path} time:{1000 * (time.perf_counter() - t):.0f}ms")
-    rt.barrier()
-    return path
 
 
 def counted_code_bytes(log, h=None) -> int:

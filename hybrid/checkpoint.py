@@ -7,11 +7,14 @@ the write leaves the previous checkpoint intact, and it is read back with
 `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
 
 These files are the run's own working state, not a submission: the artifact that is scored uses the
-pickle-free format of quant/artifact.py.
+pickle-free format of quant/artifact.py. The trainer imports this module lazily, only when a run
+writes checkpoints (CHECKPOINT_EVERY > 0) or resumes (RESUME), so only such runs count its code.
 """
 from __future__ import annotations
 
 import os
+import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -63,3 +66,38 @@ def resolve_resume(resume: str, checkpoint_dir: Path) -> Path | None:
         return p if p.is_file() else None
     p = Path(resume)
     return p / "latest.pt" if p.is_dir() else p
+
+
+def write_checkpoint(h, rt, checkpoint_dir: Path, model, optimizers, ema, loader, step: int, train_ms: float,
+                     qat_on: bool, log) -> Path:
+    """The trainer's checkpoint every CHECKPOINT_EVERY steps: step_<step>.pt and latest.pt, keeping the
+    CHECKPOINT_KEEP newest step files. Every rank must call it (Muon gathers its momentum)."""
+    for opt in optimizers:
+        if hasattr(opt, "gather_state"):
+            opt.gather_state()  # Muon: collective, every rank takes part
+    path = checkpoint_dir / f"step_{step:06d}.pt"
+    if rt.is_main:
+        t = time.perf_counter()
+        kwargs = dict(model=model, optimizers=optimizers, ema=ema, loader_state=loader.state_dict(), step=step,
+                      train_ms=train_ms, qat_on=qat_on, hparams=asdict(h))
+        save_checkpoint(path, **kwargs)
+        save_checkpoint(checkpoint_dir / "latest.pt", **kwargs)
+        old = sorted(checkpoint_dir.glob("step_*.pt"))[:-h.checkpoint_keep] if h.checkpoint_keep > 0 else []
+        for p in old:
+            p.unlink()
+        log(f"checkpoint:saved step:{step} path:{path} time:{1000 * (time.perf_counter() - t):.0f}ms")
+    rt.barrier()
+    return path
+
+
+def restore_training(path: Path, model, optimizers, ema, loader, device) -> tuple[int, float, bool]:
+    """Load the checkpoint at `path` into a run's model, optimizers, EMA and loader; returns the
+    (step, train_ms, qat_on) it continues from."""
+    state = load_checkpoint(path, map_location=device)
+    model.load_state_dict(state["model"])
+    for opt, opt_state in zip(optimizers, state["optimizers"]):
+        opt.load_state_dict(opt_state)
+    if ema is not None and state["ema"] is not None:
+        ema.load_state_dict(state["ema"])
+    loader.load_state_dict(state["loader"])
+    return state["step"], state["train_ms"], state["qat_on"]

@@ -270,16 +270,10 @@ class ModelConfig:
 
     def _validate_block_style(self, need) -> None:
         need(self.block_style in BLOCK_STYLES, f"block_style must be one of {BLOCK_STYLES}, got {self.block_style!r}")
-        if self.block_style != "rwkv":
-            return
-        others = sorted({k for k in self.mixer_kinds if k != "R"})
-        need(not others,
-             f"block_style 'rwkv' builds RWKV-7 blocks, so layer_pattern may hold only R (or r = MoE FFN), got "
-             f"{self.layer_pattern!r} with {others}; use block_style 'hybrid' to mix R with T/W/F layers")
-        need(not self.smear, "smear is a hybrid-block feature (it acts after the embedding RMS norm, which "
-                             "block_style 'rwkv' replaces by ln0); set smear=False")
-        need(not self.ln_scale, "ln_scale (1/sqrt(layer+1) on the normed inputs) is a hybrid-block feature; "
-                                "set ln_scale=False with block_style 'rwkv'")
+        if self.block_style == "rwkv":  # RWKV-7's own block: its rules live with it
+            from hybrid.rwkv7 import check_rwkv_block_style
+
+            check_rwkv_block_style(self, need)
 
     def _validate_rwkv(self, need) -> None:
         from hybrid.wkv7 import WKV7_IMPLS

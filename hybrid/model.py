@@ -418,22 +418,18 @@ class HybridGPT(nn.Module):
     def moe_blocks(self) -> list[tuple[int, nn.Module]]:
         return [(i, b) for i, b in enumerate(self.blocks) if b.moe_stats is not None]
 
-    @torch.no_grad()
     def expert_load_stats(self) -> list[dict]:
         """Per MoE layer, from the last forward (training or eval), detached tensors on the model's
         device (no host sync here; format with `expert_load_summary` when logging):
         layer (block index), expert_frac [E] (share of token slots, sums to 1), load_max_mean
         (max/mean load, 1 = balanced), aux_loss (weighted, as added to the loss), balance_loss,
-        z_loss (unweighted), expert_bias [E] (the selection bias of aux-loss-free balancing)."""
-        out = []
-        for i, block in self.moe_blocks():
-            s = block.moe_stats
-            frac = s.expert_frac.detach().clone()
-            moe = block.mlp if isinstance(block, Block) else block.ffn
-            out.append({"layer": i, "expert_frac": frac, "load_max_mean": frac.max() * frac.numel(),
-                        "aux_loss": s.losses[0].clone(), "balance_loss": s.losses[1].clone(),
-                        "z_loss": s.losses[2].clone(), "expert_bias": moe.expert_bias.detach().clone()})
-        return out
+        z_loss (unweighted), expert_bias [E] (the selection bias of aux-loss-free balancing).
+        [] without MoE layers (hybrid/moe.py, imported only by models with MoE layers)."""
+        if not self.cfg.moe_layer_ids:
+            return []
+        from hybrid.moe import expert_load_stats
+
+        return expert_load_stats(self)
 
     def after_optimizer_step(self) -> int:
         """Aux-loss-free balancing: move every MoE layer's selection bias toward uniform load using
@@ -450,12 +446,11 @@ class HybridGPT(nn.Module):
         """(total, active per token): active leaves out the routed experts a token does not use,
         (E − k) per MoE layer (the moe_presets convention; the tied embedding counts as active)."""
         total = count_params(self)
-        inactive = 0
-        for _, block in self.moe_blocks():
-            moe = block.mlp if isinstance(block, Block) else block.ffn
-            per_expert = sum(p.numel() for p in moe.experts[0].parameters())
-            inactive += (moe.cfg.num_experts - moe.cfg.top_k) * per_expert
-        return total, total - inactive
+        if not self.cfg.moe_layer_ids:
+            return total, total
+        from hybrid.moe import inactive_expert_params
+
+        return total, total - inactive_expert_params(self)
 
 
 def check_stateful(cfg: ModelConfig) -> None:

@@ -340,6 +340,28 @@ def update_expert_biases(model: nn.Module) -> int:
     return len(layers)
 
 
+@torch.no_grad()
+def expert_load_stats(model: nn.Module) -> list[dict]:
+    """`HybridGPT.expert_load_stats()`: per MoE block (`model.moe_blocks()`), detached statistics of
+    the last forward (see there)."""
+    out = []
+    for i, block in model.moe_blocks():
+        s = block.moe_stats
+        frac = s.expert_frac.detach().clone()
+        moe = block.mlp if hasattr(block, "mlp") else block.ffn  # Block's FFN is `mlp`, RWKVBlock's `ffn`
+        out.append({"layer": i, "expert_frac": frac, "load_max_mean": frac.max() * frac.numel(),
+                    "aux_loss": s.losses[0].clone(), "balance_loss": s.losses[1].clone(),
+                    "z_loss": s.losses[2].clone(), "expert_bias": moe.expert_bias.detach().clone()})
+    return out
+
+
+def inactive_expert_params(model: nn.Module) -> int:
+    """Parameters of the routed experts a token does not use: (E − k) experts per MoE layer
+    (`HybridGPT.param_counts`' active count leaves them out)."""
+    return sum((m.cfg.num_experts - m.cfg.top_k) * sum(p.numel() for p in m.experts[0].parameters())
+               for m in moe_layers(model))
+
+
 class MoELoadStats(nn.Module):
     """Detached statistics of an MoE layer's last forward, kept in non-persistent buffers (not in the
     state dict, the artifact or the EMA): expert_frac [E] (token-slot share of each expert, sums to 1)

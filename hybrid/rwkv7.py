@@ -446,3 +446,17 @@ def rwkv7_load_reference_state_dict(model: RWKV7LM, ref: dict[str, Tensor]) -> N
             if src.numel() != t.numel():
                 raise ValueError(f"{name}: checkpoint has {tuple(src.shape)}, model {tuple(t.shape)}")
             t.copy_(src.reshape(t.shape).to(t.dtype))
+
+
+def check_rwkv_block_style(cfg, need) -> None:
+    """ModelConfig's rules for block_style "rwkv" (RWKV-7's own pre-LayerNorm block, hybrid/model.py's
+    RWKVBlock): only R/r layers, and neither of the hybrid block's smear and ln_scale. `need(ok, msg)`
+    raises the config's ValueError."""
+    others = sorted({k for k in cfg.mixer_kinds if k != "R"})
+    need(not others,
+         f"block_style 'rwkv' builds RWKV-7 blocks, so layer_pattern may hold only R (or r = MoE FFN), got "
+         f"{cfg.layer_pattern!r} with {others}; use block_style 'hybrid' to mix R with T/W/F layers")
+    need(not cfg.smear, "smear is a hybrid-block feature (it acts after the embedding RMS norm, which "
+                        "block_style 'rwkv' replaces by ln0); set smear=False")
+    need(not cfg.ln_scale, "ln_scale (1/sqrt(layer+1) on the normed inputs) is a hybrid-block feature; "
+                           "set ln_scale=False with block_style 'rwkv'")

@@ -159,9 +159,11 @@ def test_record_from_a_stub_run_verifies(bundle_runs, tmp_path):
 
 # What a default run counts: the default modules, GPTQ (the export) and the budget fit when present.
 DEFAULT_RUN_EXTRA = ("quant.gptq",) + (("quant.fit",) if (ROOT / "quant" / "fit.py").is_file() else ())
-# The brief's target is 30,000; this is the regression bound of what lean_source reaches today without
-# touching train_gpt.py's hyperparameter help or hybrid/config.py's validation (see records/README.md).
-COUNTED_BYTES_BOUND = 47_000
+# The brief's target is 30,000; this is the regression bound of what the counted stub reaches today
+# (37,182 bytes: lean_source with dead-code, help-text and name shortening; the checkpoint code, the run
+# presets and the MoE bookkeeping imported only by the runs that use them). records/README.md says where
+# the rest goes.
+COUNTED_BYTES_BOUND = 38_000
 
 
 def test_default_run_counted_bytes():
@@ -177,16 +179,24 @@ def test_lean_source_has_no_docstrings_comments_or_unreached_code():
     readable = bundle_source(extra=DEFAULT_RUN_EXTRA)
     lean = lean_source(readable)
     assert lean == lean_source(readable)
-    tree = ast.parse(lean)
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-            first = node.body[0]
-            assert not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
-                        and isinstance(first.value.value, str)), getattr(node, "name", "module")
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            assert node.returns is None and all(a.annotation is None for a in node.args.args), node.name
-    comments = [t for t in tokenize.generate_tokens(io.StringIO(lean).readline) if t.type == tokenize.COMMENT]
-    assert comments == []
+    plain = lean_source(readable, rename=False)  # the same code under the readable source's names
+    for text in (lean, plain):
+        tree = ast.parse(text)
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                first = node.body[0]
+                assert not (isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant)
+                            and isinstance(first.value.value, str)), getattr(node, "name", "module")
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.returns is None and all(a.annotation is None for a in node.args.args), node.name
+        comments = [t for t in tokenize.generate_tokens(io.StringIO(text).readline) if t.type == tokenize.COMMENT]
+        assert comments == []
+    # renaming changes names only: the same statements, definitions and calls in the same order
+    shape = [type(n).__name__ for n in ast.walk(ast.parse(plain))]
+    assert [type(n).__name__ for n in ast.walk(ast.parse(lean))] == shape
+    assert "class ShardError(" in lean and "class HybridGPT(" in lean  # class names stay (reprs, messages)
+    assert 'metadata={"help"' in readable and "metadata=" not in plain  # --help text: readable bundle only
+    lean, tree = plain, ast.parse(plain)
     defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
     # reference implementations and readers of other formats are not in the run's code
     for name in ("evaluate_ref", "attention_ref", "artifact_breakdown", "write_shard", "open_v1", "bitpack",
@@ -280,23 +290,118 @@ class UnusedFields:  # a decorator that only wraps: dropped with the class
 print(helper_a(1), globals()[ALIAS](2), Point(1), Conf().twice(), type(Empty()).__name__, tricky(4.0, 5, k=1),
       deco.__func__(), os.sep, REGISTRY)
 '''
-    lean = lean_source(src)
+    lean = lean_source(src, rename=False)
     assert "def unused(" not in lean and "UNUSED" not in lean and "Module doc" not in lean and "#" not in lean
     assert "import os\n" in lean and "sys" not in lean  # unused names leave the import
     assert "def helper_b(" in lean and "def twice(self):" in lean and "x:int" in lean
     assert "def registered_only(" in lean and "UnusedFields" not in lean
+    renamed = lean_source(src)
+    # looked up by string, registered by a decorator, classes and their members: their names stay
+    assert "def helper_b(" in renamed and "def registered_only(" in renamed and "def twice(self):" in renamed
+    assert "class Point(" in renamed and "class Empty:" in renamed
+    assert "def helper_a(" not in renamed and "import os as " in renamed
     # the fused MLP's fake kernel is only ever named by its registering decorator: it stays
     assert "def _mlp_up_act_fake(" in lean_source(bundle_source(extra=("hybrid.fused_mlp",)))
     outs = []
-    for text in (src, lean):
+    for text in (src, lean, renamed):
         p = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         outs.append(p.stdout)
     assert outs[0] == outs[1]
+    assert outs[0] == outs[1] == outs[2]
     for method in ("lzma", "brotli"):  # and so does either stub of it
-        (tmp_path / "stub.py").write_text(pack_source(lean, method), encoding="utf-8")
+        (tmp_path / "stub.py").write_text(pack_source(renamed, method), encoding="utf-8")
         p = subprocess.run([sys.executable, str(tmp_path / "stub.py")], capture_output=True, text=True, timeout=60)
         assert p.returncode == 0 and p.stdout == outs[0], p.stderr
+
+
+def test_lean_renaming_keeps_every_scope_apart():
+    """Short names never capture another binding: shadowing parameters, closures, comprehensions,
+    class bodies, `global`, f-strings (self-documenting ones print the old name), dead code."""
+    src = '''from __future__ import annotations
+import math
+import os as operating_system
+
+LIMIT = 7
+TABLE = {"alpha": 1}
+counter = 0
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Holder:
+    LIMIT = 3
+    doubled = LIMIT * 2
+
+    def get(self):
+        return LIMIT + self.LIMIT + self.doubled
+
+
+def closure_maker(scale):
+    offset = scale * 2
+    values = [offset + i for i in range(3)]
+
+    def inner(value):
+        total = value + offset
+        return total
+
+    square = lambda value: value * value  # noqa: E731
+    return inner(1), square(3), values, [value for value in values if value > LIMIT]
+
+
+def shadowing(total):
+    result = [total for total in range(total)]
+    other = {k: v for k, v in TABLE.items()}
+    return result, other, total
+
+
+def counting():
+    global counter
+    counter += 1
+    return counter
+
+
+def fstrings(width):
+    height = width + 1
+    area = width * height
+    label = f"{area=} {width * height:>{height}} {{literal}} {TABLE['alpha']} {LIMIT!r} {math.pi:.2f}"
+    return label + f"{operating_system.sep}{f'{height}'}"
+
+
+def dead(flag):
+    if flag:
+        raise ConfigError("bad flag")
+        unreachable = 1
+        print(unreachable)
+    return "ok"
+
+
+def unbound_later(n):
+    try:
+        return late
+    except NameError as exc:
+        note = type(exc).__name__
+    late = n
+    return note, late
+
+
+try:
+    dead(True)
+except ConfigError as exc:
+    print(type(exc).__name__, exc)
+print(Holder().get(), closure_maker(2), shadowing(3), counting(), counting(), fstrings(4), dead(False),
+      unbound_later(5))
+'''
+    outs = []
+    renamed = lean_source(src)
+    assert "class ConfigError(" in renamed and "closure_maker" not in renamed and "unreachable" not in renamed
+    for text in (src, lean_source(src, rename=False), renamed):
+        p = subprocess.run([sys.executable, "-c", text], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        outs.append(p.stdout)
+    assert outs[0] == outs[1] == outs[2], outs
 
 
 def test_counted_modules_are_what_the_run_imports_plus_what_it_will():

@@ -54,6 +54,12 @@ def test_tiny_run_learns_and_round_trips(tmp_path, sample_corpus):
     # the reported model bytes are the artifact's size on disk
     model_bytes = int(re.search(r"model_bytes:(\d+)", log).group(1))
     assert model_bytes == (tmp_path / "logs" / "e2e.ptz").stat().st_size
+    # the default export: GPTQ (tables are not linear layers: rounded to nearest), then the budget
+    # fit, which finds nothing to prune
+    gptq = re.search(r"^gptq: tensors:(\d+)/(\d+) ", log, re.M)
+    assert gptq and 0 < int(gptq.group(1)) < int(gptq.group(2)), re.findall(r"^gptq.*", log, re.M)
+    fit = re.search(r"^budget_fit: fits_before:1 bytes_before:(\d+) bytes_after:(\d+) .*pruned:0 packs:1", log, re.M)
+    assert fit and int(fit.group(1)) == int(fit.group(2)) == model_bytes
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path, sample_corpus):

@@ -1,0 +1,43 @@
+"""bench/ab.py: the A/B driver runs every (arm, seed), skips finished runs, and its table and
+significance test come from the runs' own logs."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.ab import main, parse_arm, parse_assignments
+from records.logs import parse_log
+
+
+def test_arm_and_env_parsing():
+    assert parse_arm("base: MLP_MULT=1.75 GPTQ=0") == ("base", {"MLP_MULT": "1.75", "GPTQ": "0"})
+    assert parse_assignments("A=1 B=x=y", "t") == {"A": "1", "B": "x=y"}
+    for bad in ("no colon MLP_MULT=1", "bad name!: A=1", ": A=1"):
+        with pytest.raises(SystemExit):
+            parse_arm(bad)
+    with pytest.raises(SystemExit, match="lower"):
+        parse_assignments("lower=1", "t")
+
+
+def test_tiny_ab_runs_every_arm_and_seed_and_resumes(tmp_path, sample_corpus):
+    out = tmp_path / "ab"
+    argv = ["--out", str(out), "--preset", "tiny", "--seeds", "1,2",
+            "--arm", "a: MLP_MULT=2", "--arm", "b: MLP_MULT=3",
+            "--env", "ITERATIONS=4 VAL_MAX_TOKENS=2048 GPTQ=0 TRAIN_LOG_EVERY=1"]
+    assert main(argv) == 0
+    summary = json.loads((out / "ab.json").read_text())
+    assert sorted(summary["runs"]) == ["a_s1", "a_s2", "b_s1", "b_s2"]
+    for rid, run in summary["runs"].items():
+        log = parse_log(out / f"{rid}.txt")
+        assert log.hparams["seed"] == run["seed"] and run["val_bpb"] == log.val_bpb
+        assert run["steps"] == 4 and len(run["curve"]) == 4
+    b = summary["arms"]["b"]
+    vals = [summary["runs"][f"b_s{s}"]["val_bpb"] for s in (1, 2)]
+    assert b["n"] == 2 and b["val_bpb"][0] == pytest.approx(sum(vals) / 2)
+    assert summary["runs"]["a_s1"]["model_bytes"] < summary["runs"]["b_s1"]["model_bytes"]  # MLP 2x vs 3x
+    assert [t["margin"] for t in summary["tests"]] == [0.0, 0.005]
+    assert "| a_s1 | 4 |" in (out / "ab.md").read_text()
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")}
+    assert main(argv) == 0  # finished runs are not repeated
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")} == before
