@@ -220,7 +220,7 @@ def test_init_weights_sets_every_parameter_per_the_table():
     assert isinstance(blk.mixer, TokenShiftMix) and torch.all(blk.mixer.mix_r == 0.5)
     assert torch.equal(blk.resid_mix, torch.stack((torch.ones(64), torch.zeros(64))))
     attn = model.blocks[3].mixer
-    assert isinstance(attn, CausalAttention) and torch.all(attn.q_gain == cfg.qk_gain_init == 4.0) and attn.ve_scale.item() == 1.0
+    assert isinstance(attn, CausalAttention) and cfg.qk_gain_init == 4.0 and torch.all(attn.q_gain == 4.0) and attn.ve_scale.item() == 1.0
     assert torch.all(model.bigram.table.weight == 0) and torch.all(model.smear.gate == 0)
     # with 64-wide side tables the records' scaled orthogonal init applies
     wide = HybridGPT(tiny_cfg(bigram_dim=64, ve_dim=64))
