@@ -90,6 +90,7 @@ class Comparison:
     p: float
     significant: bool
     note: str = ""
+    margin: float = MIN_IMPROVEMENT_NATS  # the improvement H1 asks for (nats)
 
     def lines(self) -> list[str]:
         f = lambda xs: "[" + ", ".join(f"{x:.8f}" for x in xs) + "]"  # noqa: E731
@@ -98,8 +99,8 @@ class Comparison:
             f"std={math.sqrt(self.var_new):.8f}",
             f"base val_loss per seed: {f(self.base)}  n={len(self.base)} mean={self.mean_base:.8f} "
             f"std={math.sqrt(self.var_base):.8f}",
-            f"improvement (base - new): {self.delta:.8f} nats (required >= {MIN_IMPROVEMENT_NATS})",
-            f"one-sided Welch t-test, H1: improvement > {MIN_IMPROVEMENT_NATS}: t={self.t:.4f} "
+            f"improvement (base - new): {self.delta:.8f} nats (required >= {self.margin:g})",
+            f"one-sided Welch t-test, H1: improvement > {self.margin:g}: t={self.t:.4f} "
             f"df={self.df:.4f} p={self.p:.3g} (required < {P_THRESHOLD})" + (f"  [{self.note}]" if self.note else ""),
             f"significant: {'yes' if self.significant else 'no'}",
         ]
@@ -130,4 +131,4 @@ def compare_losses(new: list[float], base: list[float], margin: float = MIN_IMPR
         df = se2 * se2 / sum(terms)
         p = 1.0 - cdf(t, df)
     return Comparison(list(new), list(base), mn, mb, vn, vb, delta, t, df, p,
-                      delta >= margin and p < P_THRESHOLD, note)
+                      delta >= margin and p < P_THRESHOLD, note, margin)

@@ -72,6 +72,10 @@ def test_significance_rule():
     vb = sum((x - sum(base) / 3) ** 2 for x in base) / 2
     assert c.t == pytest.approx((c.delta - 0.005) / math.sqrt(vn / 3 + vb / 3))
     assert compare_losses(good, base, cdf=t_cdf_own).p == pytest.approx(c.p, rel=1e-8, abs=1e-14)
+    # the lines state the margin that was tested, not always the challenge's
+    assert "(required >= 0.005)" in c.lines()[2]
+    plain = compare_losses(small, base, margin=0.0)
+    assert plain.significant and "(required >= 0)" in plain.lines()[2] and "improvement > 0:" in plain.lines()[3]
 
 
 # --- record folders -----------------------------------------------------------------------------
