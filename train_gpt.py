@@ -691,14 +691,14 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
         results["prequant"] = pre
 
     artifact_path = Path(h.artifact_path or Path(h.log_dir) / f"{h.run_id}.ptz")
-    if h.fit_budget:
-        from quant.fit import fit_to_budget  # lazy like GPTQ: only runs that fit count its code
     code = counted_code_bytes(log, h)  # before packing: the budget fit needs it
     if rt.is_main:
         hessian_diag: dict = {}
         prequantized = gptq_export(h, model, precision_fn, log, hessian_diag) if h.gptq else None
         pack = dict(compressor=h.compressor, bitpack=bool(h.bitpack), prequantized=prequantized)
         if h.fit_budget:  # never write an artifact over the limit: prune the cheapest ±1 values if needed
+            from quant.fit import fit_to_budget  # lazy like GPTQ: only runs that fit count its code
+
             blob, fit = fit_to_budget(model.state_dict(), precision_fn, code_bytes=code,
                                       hessian_diag=hessian_diag, **pack)
             for line in fit.lines():

@@ -45,8 +45,8 @@ from quant.codec import available_compressors, pack_bits, unpack_bits
 from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section, open_v2,
                              read_prefix, read_table, seal_sections, smallest_sections)
 from quant.container import MAGIC, seal  # noqa: F401  re-exported: callers import them from here
-from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax, quantize_rows
-from quant.policy import is_embedding_name, tensor_group
+from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax
+from quant.policy import is_embedding_name, quantize_precision, tensor_group
 
 FORMAT_VERSION = 2
 MAX_HEADER_BYTES = 1 << 24
@@ -123,12 +123,7 @@ def _encode(name: str, t: Tensor, precision, given) -> tuple[dict, str, np.ndarr
         return entry, "fp32", t.float().numpy().astype("<f4").tobytes(), None
     if t.ndim != 2:
         raise ValueError(f"{name}: int precision needs a 2-D tensor, got shape {tuple(t.shape)}")
-    if given is not None:
-        q, s = _prequantized(name, t, bits, given)
-    elif len(precision) > 2 and precision[2] != "mse":  # a clip mode other than the default search
-        q, s = quantize_rows(t, bits, precision[2], float(precision[3]))
-    else:
-        q, s = quantize_rows(t, bits)
+    q, s = _prequantized(name, t, bits, given) if given is not None else quantize_precision(t, precision)
     entry["bits"] = bits
     return entry, f"int{bits}.{tensor_group(name, t)}", q.numpy(), s.numpy().astype("<f2").tobytes()
 

@@ -47,8 +47,8 @@ from torch import Tensor
 
 from quant.artifact import artifact_sections, pack_model
 from quant.budget import ARTIFACT_LIMIT
-from quant.int6 import qmax, quantize_rows
-from quant.policy import tensor_group
+from quant.int6 import qmax
+from quant.policy import quantize_precision, tensor_group
 
 
 class BudgetError(ValueError):
@@ -116,10 +116,8 @@ def quantize_int_tensors(state_dict: dict[str, Tensor], precision_fn: Callable,
         if name in prequantized:
             q, s = (x.detach().cpu() for x in prequantized[name])
             q = q.to(torch.int8).contiguous()
-        elif len(p) > 2 and p[2] != "mse":  # as quant/artifact.py _encode
-            q, s = quantize_rows(t, int(p[1]), p[2], float(p[3]))
         else:
-            q, s = quantize_rows(t, int(p[1]))
+            q, s = quantize_precision(t, p)  # as quant/artifact.py _encode
         out[name] = (q, s, p)
     return out
 

@@ -48,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from quant.int6 import _round_div, qmax, quantize_rows, row_scales
+from quant.policy import precision_clip
 
 DAMP = 0.01
 BLOCK_SIZE = 128
@@ -230,11 +231,6 @@ def collect_hessians(model: nn.Module, calib_tokens: Tensor, modules: dict[str, 
 
 # ----------------------------------------------------------------------------- whole model
 
-def _clip_of(precision) -> tuple[str, float | None]:
-    clip = precision[2] if len(precision) > 2 else "mse"
-    return clip, (float(precision[3]) if clip == "sdclip" else None)
-
-
 def gptq_quantize(model: nn.Module, calib_tokens: Tensor, precision_fn: Callable, batch_size: int = 8,
                   block_size: int = BLOCK_SIZE, damp: float = DAMP, act_order: bool = True,
                   hessian_diag: dict[str, Tensor] | None = None,
@@ -261,7 +257,7 @@ def gptq_quantize(model: nn.Module, calib_tokens: Tensor, precision_fn: Callable
     quantized, method = {}, {}
     with _ieee_fp32():
         for name, p in targets.items():
-            bits, (clip, sd_k) = int(p[1]), _clip_of(p)
+            bits, (clip, sd_k) = int(p[1]), precision_clip(p)
             w = state[name]
             h, n = hessians.get(name, (None, 0))
             if h is None:

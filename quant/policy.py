@@ -28,7 +28,7 @@ from typing import NamedTuple
 
 from torch import Tensor
 
-from quant.int6 import check_clip, qmax
+from quant.int6 import check_clip, qmax, quantize_rows
 
 # Embedding-like tables (rows are looked up, not multiplied): int8 per row keeps the quant gap of
 # the tied embedding small (TECHNIQUES.md §2.13). A whole component path must match.
@@ -134,6 +134,19 @@ def tensor_precision(name: str, tensor: Tensor, matrix_bits: int = 6, embed_bits
 
 def _int(bits: int, clip: str, sd_k: float) -> Precision:
     return Precision("int", bits, clip, float(sd_k)) if clip == "sdclip" else Precision("int", bits)
+
+
+def precision_clip(precision) -> tuple[str, float | None]:
+    """(clip, sd_k) of an int precision, as quant/int6.py's row_scales takes them: sd_k only for
+    "sdclip". A plain (kind, bits) pair means the clip search."""
+    clip = precision[2] if len(precision) > 2 else "mse"
+    return clip, (float(precision[3]) if clip == "sdclip" else None)
+
+
+def quantize_precision(t: Tensor, precision) -> tuple[Tensor, Tensor]:
+    """(q int8, scale fp16) of a 2-D tensor rounded to nearest on the grid of an int `precision`: what
+    the artifact stores for it unless GPTQ (or the budget fit) supplies the values."""
+    return quantize_rows(t, int(precision[1]), *precision_clip(precision))
 
 
 def make_precision_fn(matrix_bits: int = 6, embed_bits: int = 8, mlp_bits: int | None = None,

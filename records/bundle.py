@@ -164,7 +164,7 @@ def run_modules(hparams: dict) -> tuple[str, ...]:
         extra.append("hybrid.presets")
     if int(hparams.get("checkpoint_every", 0) or 0) > 0 or hparams.get("resume"):
         extra.append("hybrid.checkpoint")
-    if int(hparams.get("fit_budget", 0) or 0) and (REPO / "quant" / "fit.py").is_file():
+    if int(hparams.get("fit_budget", 0) or 0):
         extra.append("quant.fit")  # the budget fit (train_gpt.finish imports it when FIT_BUDGET=1)
     return tuple(extra)
 
