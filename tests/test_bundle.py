@@ -2,9 +2,12 @@
 from __future__ import annotations
 
 import ast
+import base64
 import io
 import json
+import math
 import os
+import random
 import re
 import subprocess
 import sys
@@ -15,7 +18,7 @@ import pytest
 
 from records.bundle import (ARCH_MODULES, LINE_LIMIT, PROJECT_PACKAGES, READABLE_NAME, BundleError,
                             arch_modules, bundle_source, collect_modules, counted_modules, counted_stub, lean_source,
-                            pack_source, run_modules, write_bundle)
+                            pack_source, run_modules, text_decode, text_encode, write_bundle)
 from records.logs import parse_log
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +75,7 @@ def test_bundle_line_limit_or_packed(tmp_path):
         return
     # The readable bundle is over the challenge's 1500-line limit: the counted file is the packed stub,
     # and the README says so.
-    assert info["packed_lines"] <= 3
+    assert info["packed_lines"] <= 6
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert "1500" in readme and "train_gpt_readable.py" in readme
 
@@ -158,18 +161,18 @@ def test_record_from_a_stub_run_verifies(bundle_runs, tmp_path):
 # --- the counted file: the lean source in a stub -------------------------------------------------
 
 # What a default run counts: the default modules, GPTQ (the export) and the budget fit when present.
-DEFAULT_RUN_EXTRA = ("quant.gptq",) + (("quant.fit",) if (ROOT / "quant" / "fit.py").is_file() else ())
+DEFAULT_RUN_EXTRA = ("quant.gptq", "quant.fit")
 # The brief's target is 30,000; this is the regression bound of what the counted stub reaches today
-# (37,236 bytes: lean_source with dead-code, help-text and name shortening; the checkpoint code, the run
-# presets and the MoE bookkeeping imported only by the runs that use them). records/README.md says where
-# the rest goes.
-COUNTED_BYTES_BOUND = 38_000
+# (34,429 bytes: lean_source with dead-code, help-text and name shortening; the checkpoint code, the run
+# presets and the MoE bookkeeping imported only by the runs that use them; base-123 text instead of
+# base85). records/README.md says where the rest goes.
+COUNTED_BYTES_BOUND = 35_000
 
 
 def test_default_run_counted_bytes():
     stub = counted_stub(extra=DEFAULT_RUN_EXTRA)
     assert stub == counted_stub(extra=tuple(reversed(DEFAULT_RUN_EXTRA)))  # deterministic, order-free
-    assert stub.count("\n") <= 3
+    assert stub.count("\n") <= 6
     n = len(stub.encode("utf-8"))
     assert n <= COUNTED_BYTES_BOUND, n
     assert n < len(pack_source(bundle_source(extra=DEFAULT_RUN_EXTRA), "lzma").encode("utf-8")) * 2 // 3
@@ -421,3 +424,31 @@ def test_run_modules_follow_the_hyperparameters():
     src = bundle_source(extra=run_modules({"arch": "moe", "gptq": 1, "mlp_fused": "triton"}))
     compile(src, "train_gpt.py", "exec")
     assert "quant.gptq is not part of this bundled" not in src and "hybrid/fused_mlp.py" in src
+
+
+@pytest.mark.parametrize("blob", [b"", b"\x00", b"\x00\x00\x07", b"\xff" * 77, bytes(range(256)) * 3])
+def test_text_encoding_round_trip_edges(blob):
+    text = text_encode(blob)
+    assert text_decode(text) == blob
+    raw = text.encode("ascii")  # pure ASCII: the file's UTF-8 length is its byte length
+    assert not set(raw) & {0, 10, 13, 34, 92}  # nothing a one-line "..." literal cannot hold raw
+
+
+def test_text_encoding_random_round_trip_and_density():
+    rng = random.Random(0)
+    for n in (1, 2, 63, 64, 65, 500, 4096):
+        blob = bytes(rng.randrange(256) for _ in range(n))
+        assert text_decode(text_encode(blob)) == blob
+    blob = bytes(rng.randrange(256) for _ in range(20000))
+    # log2(123) = 6.94 bits per character: 20,000 random bytes need 23,037 digits (+1 for the 0x01 lead)
+    assert len(text_encode(blob)) <= math.ceil(8 * 20001 / math.log2(123))
+    assert len(text_encode(blob)) < len(base64.b85encode(blob)) * 0.93
+
+
+@pytest.mark.parametrize("method", ["lzma", "brotli"])
+def test_stub_decodes_to_the_source_when_run_as_a_file(tmp_path, method):
+    source = "import sys\nprint('ok', len(sys.argv), __file__.endswith('stub.py'))\n" + "#" + "x\x7f" * 40 + "\n"
+    stub = tmp_path / "stub.py"
+    stub.write_text(pack_source(source, method), encoding="utf-8")
+    out = subprocess.run([sys.executable, str(stub), "a"], capture_output=True, text=True, check=True)
+    assert out.stdout == "ok 2 True\n"
