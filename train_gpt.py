@@ -35,15 +35,19 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from data.bpb import build_byte_luts, load_tokenizer
 from data.loader import DistributedTokenLoader
-from data.shards import load_validation_tokens
+from data.shards import ShardError, load_validation_tokens
+from hybrid.checkpoint import resolve_resume, restore_training, save_final_weights, write_checkpoint
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
 from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate, evaluate_stateful
 from hybrid.model import HybridGPT, check_stateful, expert_load_summary, named_model_preset
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
+from hybrid.settings import SettingError, check_explicit, check_settings, parse_setting, setting_name
 from quant.artifact import (artifact_sections, blob_compressor, pack_model, read_artifact, unpack_model,
                             write_artifact)
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, loaded_source_files
+from quant.codec import available_compressors
+from quant.int6 import CLIP_MODES
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
 
@@ -188,7 +192,10 @@ class Hyperparameters:
     checkpoint_every: int = field(default=0, metadata={"help": "save a resumable checkpoint every N steps (0: off)"})
     checkpoint_dir: str = field(default="", metadata={"help": "default checkpoints/<run_id>"})
     checkpoint_keep: int = field(default=2, metadata={"help": "how many step checkpoints to keep"})
-    resume: str = field(default="", metadata={"help": "checkpoint file, its folder, or 'auto' (latest of this run)"})
+    resume: str = field(default="", metadata={"help": "checkpoint file, its folder, or 'auto' (latest of this run); "
+                                                      "a final.pt repacks without training"})
+    resume_mismatch: str = field(default="error", metadata={"help": "error | allow: a checkpoint trained with other "
+                                                                    "settings stops the resume, or is logged"})
     # --- system --------------------------------------------------------------------------------
     compile: int = field(default=-1, metadata={"help": "torch.compile the model (-1: on CUDA only)"})
     log_dir: str = field(default="logs", metadata={"help": "folder of logs/<run_id>.txt"})
@@ -231,12 +238,6 @@ ARCH_TRAIN_DEFAULTS = {
 SEED_PRESETS = ("rize", "rish", "rwkv7-191m")
 
 
-def _parse_value(kind, text: str):
-    if kind is bool:
-        return text.strip().lower() in ("1", "true", "yes", "on")
-    return kind(text)
-
-
 def _field_type(f):
     return {"int": int, "float": float, "str": str, "bool": bool}.get(f.type if isinstance(f.type, str)
                                                                       else f.type.__name__, str)
@@ -251,20 +252,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = None) -> Hyperparameters:
-    """Defaults → arch → preset → environment → flags."""
+    """Defaults → arch → preset → environment → flags, every value parsed and checked before
+    anything trains (hybrid/settings.py): a bad one raises SettingError naming its variable."""
     env = os.environ if env is None else env
     args = build_arg_parser().parse_args(argv)
     kinds = {f.name: _field_type(f) for f in fields(Hyperparameters)}
+    defaults = {f.name: f.default for f in fields(Hyperparameters)}
 
     def explicit(name):  # the flag, else the env var, else None
         raw = getattr(args, name)
         if raw is None:
             raw = env.get(name.upper())
-        return None if raw is None else _parse_value(kinds[name], raw)
+        if raw is None:
+            return None
+        value = parse_setting(kinds[name], name, raw)
+        check_explicit(name, value, defaults[name])
+        return value
 
     arch = explicit("arch") or Hyperparameters.arch
     if arch not in ARCH_DEFAULTS or arch not in ARCH_TRAIN_DEFAULTS:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {sorted(ARCH_TRAIN_DEFAULTS)}")
+        raise SettingError(f"{setting_name('arch')}={arch!r} is not one of {', '.join(sorted(ARCH_TRAIN_DEFAULTS))}")
     preset = explicit("preset") or ""
     if preset in SEED_PRESETS:
         return Hyperparameters(arch=arch, preset=preset)
@@ -272,7 +279,10 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     if preset:
         from hybrid.presets import run_preset
 
-        values.update(run_preset(preset, arch, dict(ARCH_DEFAULTS[arch], **values)))
+        try:
+            values.update(run_preset(preset, arch, dict(ARCH_DEFAULTS[arch], **values)))
+        except ValueError as exc:
+            raise SettingError(f"{setting_name('preset')}: {exc}") from None
     for name in kinds:
         value = explicit(name)
         if value is not None:
@@ -281,11 +291,14 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     h = Hyperparameters(**values)
     if not h.run_id:
         h.run_id = str(uuid.uuid4())
-    cfg = h.model_config()  # validates the model fields early, with the config's own messages
-    if h.eval_mode not in EVAL_MODES:
-        raise ValueError(f"--eval-mode must be one of {EVAL_MODES}, got {h.eval_mode!r}")
-    if h.eval_mode == "stateful":
-        check_stateful(cfg)  # attention models cannot carry their context: refuse before training
+    try:
+        cfg = h.model_config()  # the model fields, with the config's own messages
+        if h.eval_mode == "stateful":
+            check_stateful(cfg)  # attention models cannot carry their context: refuse before training
+    except (ValueError, ImportError) as exc:
+        raise SettingError(f"invalid model settings: {exc}") from None
+    check_settings(h, available_compressors(), {"eval_mode": EVAL_MODES, "quant_clip": CLIP_MODES,
+                                                "resume_mismatch": ("error", "allow")})
     for f in fields(ModelConfig):  # store the resolved values: logs and checkpoints show what ran
         if hasattr(h, f.name):
             value = getattr(cfg, f.name)
@@ -376,7 +389,11 @@ class NonFiniteLoss(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> int:
-    h = resolve_hyperparameters(argv)
+    try:
+        h = resolve_hyperparameters(argv)
+    except SettingError as exc:  # one line, no traceback, before anything ran
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     if h.preset in SEED_PRESETS:  # full-size seed models: counted on the meta device, never trained
         r = named_model_preset(h.preset)
         print(f"preset:{r.name} total_params:{r.total_params} active_params:{r.active_params}\n{r.description}")
@@ -388,6 +405,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 3
+    except (SettingError, ShardError) as exc:  # found on this machine before the first step: one line
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 2
     finally:
         if rt.distributed:
             # The DDP wrapper (its C++ reducer holds the process group) can sit in a reference cycle
@@ -407,11 +427,11 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     compile_model = bool(h.compile) if h.compile >= 0 else use_cuda
     warmup_steps = h.warmup_steps if h.warmup_steps >= 0 else (20 if compile_model else 0)
     if h.grad_accum_base % rt.world_size:
-        raise ValueError(f"GRAD_ACCUM_BASE={h.grad_accum_base} must be divisible by WORLD_SIZE={rt.world_size}")
+        raise SettingError(f"GRAD_ACCUM_BASE={h.grad_accum_base} must be divisible by WORLD_SIZE={rt.world_size}")
     grad_accum = h.grad_accum_base // rt.world_size
     micro_tokens = h.train_batch_tokens // (rt.world_size * grad_accum)
     if h.train_batch_tokens % (rt.world_size * grad_accum * h.train_seq_len):
-        raise ValueError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world_size × "
+        raise SettingError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must be a multiple of world_size × "
                          f"grad_accum × TRAIN_SEQ_LEN = {rt.world_size}×{grad_accum}×{h.train_seq_len}")
     for f in fields(Hyperparameters):
         log(f"hparam:{f.name}={getattr(h, f.name)!r}", console=False)
@@ -498,18 +518,16 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             ema = EMA(model, h.ema_decay)
         log(f"warmup:done steps:{warmup_steps} state:restored")
 
-    # --- checkpoints and resume (hybrid/checkpoint.py: imported, and counted, only by runs that use it) --
+    # --- checkpoints and resume (hybrid/checkpoint.py) --------------------------------------------
     checkpoint_dir = Path(h.checkpoint_dir or f"checkpoints/{h.run_id}")
-    step, train_ms, qat_on = 0, 0.0, False
-    resume_path = None
-    if h.checkpoint_every > 0 or h.resume:
-        from hybrid.checkpoint import resolve_resume, restore_training, write_checkpoint
-
-        resume_path = resolve_resume(h.resume, checkpoint_dir)
+    step, train_ms, qat_on, finished = 0, 0.0, False, False
+    resume_path = resolve_resume(h.resume, checkpoint_dir)
     if resume_path is not None:
-        step, train_ms, qat_on = restore_training(resume_path, model, optimizers, ema, loader, device)
+        step, train_ms, qat_on, finished = restore_training(resume_path, model, optimizers, ema, loader, device,
+                                                            asdict(h), h.resume_mismatch == "allow", log)
         set_qat(model, qat_on, precision_fn)
-        log(f"resume:from {resume_path} step:{step} train_time:{train_ms:.0f}ms qat:{int(qat_on)}")
+        log(f"resume:from {resume_path} step:{step} train_time:{train_ms:.0f}ms qat:{int(qat_on)} "
+            f"finished:{int(finished)}")
     last_checkpoint = resume_path
 
     # --- main loop -----------------------------------------------------------------------------
@@ -526,7 +544,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
 
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
-    stop_after_step = None
+    stop_after_step = step if finished else None  # a final.pt: straight to packing, no training
     cap_flag = None  # the previous step's all-reduced cap flag (distributed runs)
     sync()
     t0 = time.perf_counter()
@@ -543,7 +561,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             sync()
             t0 = time.perf_counter()
         if last_step:
-            if stop_after_step is not None and step < h.iterations:
+            if stop_after_step is not None and step < h.iterations and not finished:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
         elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
@@ -596,7 +614,17 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     if use_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
-    return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms)
+    # The trained weights go to disk before anything that can fail afterwards (evaluation, GPTQ,
+    # packing, the round trip): a failure there costs a repack, not the run.
+    final = (resume_path if finished else
+             save_final_weights(h, rt, checkpoint_dir, model, ema, loader, step, train_ms, qat_on, log))
+    try:
+        return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms)
+    except Exception as exc:
+        log(f"error: {type(exc).__name__} after training: {exc}")
+        log(f"the trained weights are safe in {final}; repack and re-score them without training: "
+            f"RESUME={final} python train_gpt.py with this run's settings (an export setting may change)")
+        raise
 
 
 class LaggedFlag:

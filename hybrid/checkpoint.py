@@ -7,8 +7,18 @@ the write leaves the previous checkpoint intact, and it is read back with
 `torch.load(weights_only=True)`, which refuses arbitrary pickled objects.
 
 These files are the run's own working state, not a submission: the artifact that is scored uses the
-pickle-free format of quant/artifact.py. The trainer imports this module lazily, only when a run
-writes checkpoints (CHECKPOINT_EVERY > 0) or resumes (RESUME), so only such runs count its code.
+pickle-free format of quant/artifact.py.
+
+Every run also writes `final.pt` when training ends, before anything that could fail afterwards
+(evaluation, GPTQ, packing, the round trip): the model, the EMA, the step and `finished: True`, no
+optimizer state. Resuming from it (`RESUME=checkpoints/<run_id>/final.pt python train_gpt.py` with
+the run's settings) skips training and repacks and re-scores exactly those weights, so a failure
+after training never costs the run.
+
+A resume compares the checkpoint's hyperparameters with the run's: any difference in a setting that
+changes the training math (`resume_mismatches`) stops the run with the list, unless
+RESUME_MISMATCH=allow, which logs the list and goes on. Export, evaluation, logging and checkpoint
+settings may differ (that is what a repack changes).
 """
 from __future__ import annotations
 
@@ -19,11 +29,35 @@ from pathlib import Path
 
 import torch
 
+from hybrid.settings import SettingError
+
 CHECKPOINT_VERSION = 1
 
 
+# Settings a resume may change: they do not enter the training math (what is exported, evaluated,
+# logged or checkpointed, and how the step is compiled). Every other hyperparameter must match.
+RESUME_FREE = frozenset({
+    "run_id", "val_loss_every", "val_max_tokens", "eval_stride", "eval_batch_seqs", "eval_mode", "eval_warmup",
+    "eval_prequant", "train_log_every", "matrix_bits", "embed_bits", "compressor", "bitpack", "mlp_bits",
+    "attn_bits", "quant_clip", "sd_k_matrix", "sd_k_embed", "gptq", "gptq_seqs", "gptq_seq_len", "gptq_temp",
+    "gptq_batch", "fit_budget", "artifact_path", "checkpoint_every", "checkpoint_dir", "checkpoint_keep",
+    "resume", "resume_mismatch", "compile", "log_dir", "mlp_fused", "rwkv_impl", "moe_dispatch",
+})
+
+
+def resume_mismatches(saved: dict, current: dict) -> list[str]:
+    """'NAME: checkpoint X, now Y' for each training-math setting that differs (RESUME_FREE aside)."""
+    out = []
+    for name in sorted(set(saved) | set(current)):
+        if name in RESUME_FREE:
+            continue
+        if saved.get(name) != current.get(name):
+            out.append(f"{name.upper()}: checkpoint {saved.get(name)!r}, now {current.get(name)!r}")
+    return out
+
+
 def save_checkpoint(path: Path, *, model, optimizers, ema, loader_state: dict, step: int, train_ms: float,
-                    qat_on: bool, hparams: dict) -> None:
+                    qat_on: bool, hparams: dict, finished: bool = False) -> None:
     state = {
         "version": CHECKPOINT_VERSION,
         "model": model.state_dict(),
@@ -35,6 +69,7 @@ def save_checkpoint(path: Path, *, model, optimizers, ema, loader_state: dict, s
         "qat_on": qat_on,
         "hparams": hparams,
         "rng_cpu": torch.get_rng_state(),
+        "finished": finished,
     }
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -90,14 +125,41 @@ def write_checkpoint(h, rt, checkpoint_dir: Path, model, optimizers, ema, loader
     return path
 
 
-def restore_training(path: Path, model, optimizers, ema, loader, device) -> tuple[int, float, bool]:
-    """Load the checkpoint at `path` into a run's model, optimizers, EMA and loader; returns the
-    (step, train_ms, qat_on) it continues from."""
+def save_final_weights(h, rt, checkpoint_dir: Path, model, ema, loader, step: int, train_ms: float,
+                       qat_on: bool, log) -> Path:
+    """checkpoint_dir/final.pt at the end of training (module docstring), written by rank 0 before
+    any evaluation or packing; logs where it is and how to repack from it."""
+    path = Path(checkpoint_dir) / "final.pt"
+    if rt.is_main:
+        t = time.perf_counter()
+        save_checkpoint(path, model=model, optimizers=[], ema=ema, loader_state=loader.state_dict(), step=step,
+                        train_ms=train_ms, qat_on=qat_on, hparams=asdict(h), finished=True)
+        log(f"final_weights:saved step:{step} path:{path} time:{1000 * (time.perf_counter() - t):.0f}ms "
+            f"(repack without training: RESUME={path} with this run's settings)")
+    return path
+
+
+def restore_training(path: Path, model, optimizers, ema, loader, device, hparams: dict, allow_mismatch: bool,
+                     log) -> tuple[int, float, bool, bool]:
+    """Load the checkpoint at `path` into a run's model, optimizers, EMA and loader after comparing
+    its hyperparameters with `hparams` (module docstring); returns the (step, train_ms, qat_on,
+    finished) it continues from. A finished checkpoint (final.pt) has no optimizer state."""
     state = load_checkpoint(path, map_location=device)
+    diffs = resume_mismatches(state.get("hparams") or {}, hparams)
+    if diffs and not allow_mismatch:
+        raise ResumeMismatch(f"RESUME={path}: the checkpoint was trained with other settings ({'; '.join(diffs)}); "
+                             f"run with the checkpoint's values, or set RESUME_MISMATCH=allow to continue anyway")
+    for line in diffs:
+        log(f"resume:mismatch_allowed {line}")
+    finished = bool(state.get("finished", False))
     model.load_state_dict(state["model"])
     for opt, opt_state in zip(optimizers, state["optimizers"]):
         opt.load_state_dict(opt_state)
     if ema is not None and state["ema"] is not None:
         ema.load_state_dict(state["ema"])
     loader.load_state_dict(state["loader"])
-    return state["step"], state["train_ms"], state["qat_on"]
+    return state["step"], state["train_ms"], state["qat_on"], finished
+
+
+class ResumeMismatch(SettingError):
+    """A resume whose training-math settings differ from its checkpoint's."""

@@ -148,8 +148,8 @@ def arch_modules(arch: str) -> tuple[str, ...]:
 def run_modules(hparams: dict) -> tuple[str, ...]:
     """The lazily imported modules a run with these hyperparameters needs: its architecture's, GPTQ's
     when it exported with GPTQ, the fused MLP kernel's when it asked for it, the bit packer's when it
-    stored bit-packed ints, the stateful evaluation's when it evaluated that way, the checkpoint
-    code's when it wrote checkpoints or resumed, the presets' when it named one."""
+    stored bit-packed ints, the stateful evaluation's when it evaluated that way, the presets' when it named one
+    (every run imports the checkpoint code: it saves its final weights before packing)."""
     extra = list(arch_modules(str(hparams.get("arch", "hybrid"))))
     if int(hparams.get("gptq", 0) or 0):
         extra.append("quant.gptq")
@@ -161,8 +161,6 @@ def run_modules(hparams: dict) -> tuple[str, ...]:
         extra.append("hybrid.stateful")
     if hparams.get("preset"):
         extra.append("hybrid.presets")
-    if int(hparams.get("checkpoint_every", 0) or 0) > 0 or hparams.get("resume"):
-        extra.append("hybrid.checkpoint")
     if int(hparams.get("fit_budget", 0) or 0):
         extra.append("quant.fit")  # the budget fit (train_gpt.finish imports it when FIT_BUDGET=1)
     return tuple(extra)

@@ -21,6 +21,9 @@ _BYTES = re.compile(r"^artifact_bytes:(\d+) code_bytes:(\d+) model_bytes:(\d+)")
 _FINAL = re.compile(r"^final_int(\d+)_(\w+?)_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)")
 _FINAL_MODE = re.compile(r"^final_int\d+_\w+?_roundtrip eval:(\S+) ")
 _STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/(\d+)")
+# A resumed run repeats the steps after its checkpoint in the same log: the curve keeps the last
+# value of each step (the entries logged past the checkpoint before the kill are dropped).
+_RESUME = re.compile(r"^resume:from \S+ step:(\d+)")
 _CODE_MODULES = re.compile(r"^code_modules:(\S*)$")
 
 
@@ -47,6 +50,7 @@ class RunLog:
     model_bytes: int | None = None
     code_modules: tuple | None = None  # the lazily imported modules its counted code bundled (repo runs)
     stopped_early: bool = False
+    resumed_at: list = field(default_factory=list)  # the step of each resume:from line
 
     @property
     def seed(self) -> int:
@@ -98,6 +102,11 @@ def parse_log(path) -> RunLog:
             r.eval_mode = m.group(1)
         elif _STOP.match(line):
             r.stopped_early = True
+        elif m := _RESUME.match(line):
+            n = int(m.group(1))
+            r.train = [t for t in r.train if t[0] <= n]
+            r.val = [v for v in r.val if v[0] < n]  # a resume re-validates at its own step
+            r.resumed_at.append(n)
         elif m := _CODE_MODULES.match(line):
             r.code_modules = tuple(x for x in m.group(1).split(",") if x)
     if r.val_bpb is None:

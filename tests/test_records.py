@@ -170,3 +170,17 @@ def test_merge_identity_weights_and_mismatch(tiny_runs, tmp_path):
                          "--pack", str(tmp_path / "c.ptz")]) == 0
     assert (tmp_path / "c.ptz").stat().st_size > 0
     assert records_main(["merge", str(a), str(a), "--weights", "0.5", "0.6", "--out", str(tmp_path / "x.pt")]) == 2
+
+
+def test_resumed_log_keeps_the_last_value_of_each_step(tmp_path):
+    lines = [f"step:{s}/8 train_loss:{5 - s / 10:.4f} train_time:{100 * s}ms step_avg:100.00ms" for s in range(1, 7)]
+    lines += ["step:6/8 val_loss:4.0 val_bpb:2.0 train_time:600ms step_avg:100.00ms",
+              "resume:from ckpt/step_000004.pt step:4 train_time:400ms qat:0 finished:0"]
+    lines += [f"step:{s}/8 train_loss:{4 - s / 10:.4f} train_time:{100 * s}ms step_avg:100.00ms" for s in range(5, 9)]
+    lines += ["final_int6_zlib_roundtrip_exact val_loss:3.00000000 val_bpb:1.50000000"]
+    path = tmp_path / "run.txt"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    r = parse_log(path)
+    assert [s for s, _, _ in r.train] == list(range(1, 9))  # no zigzag
+    assert dict((s, v) for s, v, _ in r.train)[5] == 3.5  # the value logged after the resume
+    assert r.val == [] and r.resumed_at == [4]
