@@ -111,6 +111,9 @@ class Hyperparameters:
                                                              "R RWKV-7 time-mix; lower case = the same mixer "
                                                              "with an MoE FFN"})
     attn_window: int = field(default=-1, metadata={"help": "tokens a W layer sees (itself included)"})
+    token_mix: str = field(default="", metadata={"help": "T-layer mixer: shift | ddlerp | conv | shiftk | "
+                                                         "shift_silu_gate (hybrid/token_mix.py)"})
+    token_mix_kernel: int = field(default=-1, metadata={"help": "tokens (current included) that conv/shiftk mix"})
     rope_dims: int = field(default=-1, metadata={"help": "head dims rotated by RoPE"})
     rope_base: float = field(default=-1.0, metadata={"help": "RoPE base"})
     qk_gain_init: float = field(default=-1.0, metadata={"help": "initial per-head query gain"})

@@ -17,6 +17,19 @@ against the first with `records compare`'s one-sided Welch t-test on val_loss (n
 (is the difference real at all?) and at the challenge's 0.005. A markdown copy goes to
 <out>/ab.md, the numbers to <out>/ab.json, and with matplotlib the train-loss curves of every run
 to <out>/curves.png.
+
+The arm table's "est. H100 ms/step" is bench/h100_time.py's analytic estimate for the arm's run at the
+challenge's full size: its own settings (--env, then the arm's) without the --preset, so at the
+full-size width and window, with TRAIN_SEQ_LEN 2048 and TRAIN_BATCH_TOKENS 786,432 on 8 GPUs whatever
+the arm sets there. The CPU runs are narrow (the smoke preset is 128 wide at seq 256), where a token
+shift and an attention layer cost about the same; the time ratio that decides the challenge is the one
+at the size that is submitted, so that is the one estimated. It is an estimate, not a measurement.
+
+`--equal-time` gives every arm the estimated H100 time of the first arm at its ITERATIONS: arm k runs
+round(ITERATIONS_1 · ms_1 / ms_k) steps, and its WARMDOWN_ITERS is scaled by the same factor against
+its own resolved ITERATIONS (other step counts, such as the Muon momentum warm-up, are kept). The
+chosen iterations are printed before the runs start; a finished log is reused only if it ran them.
+Without the option nothing changes: every arm runs its own ITERATIONS.
 """
 from __future__ import annotations
 
@@ -63,10 +76,19 @@ def finished(log: Path) -> bool:
         return False
 
 
-def run_one(out: Path, name: str, seed: int, env: dict[str, str], preset: str, threads: int) -> Path:
+def ran_iterations(log: Path) -> int | None:
+    try:
+        return int(parse_log(log).hparams.get("iterations"))
+    except (OSError, LogError, TypeError, ValueError):
+        return None
+
+
+def run_one(out: Path, name: str, seed: int, env: dict[str, str], preset: str, threads: int,
+            iterations: int | None = None) -> Path:
+    """Run one (arm, seed) unless its log is finished (and, when `iterations` is given, ran that many)."""
     run_id = f"{name}_s{seed}"
     log = out / f"{run_id}.txt"
-    if finished(log):
+    if finished(log) and (iterations is None or ran_iterations(log) == iterations):
         return log
     log.unlink(missing_ok=True)  # a half-written log from an interrupted run would be appended to
     child = dict(os.environ, **env, RUN_ID=run_id, SEED=str(seed), LOG_DIR=str(out),
@@ -81,6 +103,43 @@ def run_one(out: Path, name: str, seed: int, env: dict[str, str], preset: str, t
     if rc != 0:
         raise SystemExit(f"{run_id} failed (exit {rc}); see {out / (run_id + '.stdout')}")
     return log
+
+
+# The size the estimate describes: the challenge's run (8×H100, seq 2048, 786,432 tokens per step).
+FULL_SEQ_LEN, FULL_BATCH_TOKENS, FULL_WORLD = 2048, 786432, 8
+SCALE_SETTINGS = ("PRESET", "TRAIN_SEQ_LEN", "TRAIN_BATCH_TOKENS")  # replaced by the full size
+
+
+def h100_estimate(env: dict[str, str]) -> float:
+    """Estimated H100 ms/step of the run `env` describes, at the full size (module docstring)."""
+    from bench.h100_time import estimate_settings
+
+    env = {k: v for k, v in env.items() if k not in SCALE_SETTINGS}
+    return estimate_settings([], env, FULL_SEQ_LEN, FULL_BATCH_TOKENS, FULL_WORLD)["ms_per_step"]
+
+
+def arm_schedule(env: dict[str, str], preset: str) -> tuple[int, int]:
+    """(ITERATIONS, WARMDOWN_ITERS) that train_gpt.py resolves for this run (preset, then env)."""
+    from bench.h100_time import resolve_config
+
+    h, _ = resolve_config(["--preset", preset] if preset else [], env)
+    return h.iterations, h.warmdown_iters
+
+
+def equal_time_plan(arms: dict[str, dict[str, str]], common: dict[str, str], preset: str,
+                    est_ms: dict[str, float]) -> dict[str, dict]:
+    """{arm: {ms, iterations, warmdown_iters}} giving every arm the first arm's ITERATIONS × its est.
+    ms/step: iterations = round(that budget / the arm's ms) (at least 1), warmdown scaled alike."""
+    names = list(arms)
+    base_iters, _ = arm_schedule({**common, **arms[names[0]]}, preset)
+    budget = base_iters * est_ms[names[0]]
+    plan = {}
+    for name in names:
+        iters, warmdown = arm_schedule({**common, **arms[name]}, preset)
+        new = max(1, round(budget / est_ms[name]))
+        plan[name] = dict(ms=est_ms[name], iterations=new,
+                          warmdown_iters=round(warmdown * new / iters) if iters > 0 else warmdown)
+    return plan
 
 
 def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
@@ -124,12 +183,13 @@ def markdown(summary: dict) -> str:
         out.append(f"| {rid} | {v['steps']} | {f(v['train_s'], '.0f')} | {f(v['pre_bpb'], '.4f')} | "
                    f"{f(v['val_bpb'], '.4f')} | {f(v['gap'], '+.4f')} | {f(v['model_bytes'], ',')} | "
                    f"{f(v['code_bytes'], ',')} |")
-    out += ["", "| arm | seeds | round-trip val_bpb (mean ± std) | pre-quant val_bpb | quant gap | model bytes |",
-            "|---|---|---|---|---|---|"]
+    out += ["", "| arm | seeds | round-trip val_bpb (mean ± std) | pre-quant val_bpb | quant gap | model bytes | "
+            "est. H100 ms/step |", "|---|---|---|---|---|---|---|"]
     for name, a in summary["arms"].items():
         m, s = a["val_bpb"]
         out.append(f"| {name} | {a['n']} | {f(m, '.4f')} ± {f(s, '.4f')} | {f(a['pre_bpb'][0], '.4f')} | "
-                   f"{f(a['gap'][0], '+.4f')} | {f(a['model_bytes'][0], ',.0f')} |")
+                   f"{f(a['gap'][0], '+.4f')} | {f(a['model_bytes'][0], ',.0f')} | "
+                   f"{f(a.get('est_h100_ms'), '.2f')} |")
     for t in summary["tests"]:
         out += ["", f"{t['new']} vs {t['base']}, margin {t['margin']} nats:", "```", *t["lines"], "```"]
     return "\n".join(out) + "\n"
@@ -165,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--out", default="runs/ab")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each with 1 thread when > 1)")
+    ap.add_argument("--equal-time", action="store_true",
+                    help="scale each arm's ITERATIONS (and WARMDOWN_ITERS) to the first arm's estimated H100 time")
     a = ap.parse_args(argv)
     arms = dict(parse_arm(s) for s in a.arm)
     if len(arms) != len(a.arm):
@@ -173,13 +235,33 @@ def main(argv: list[str] | None = None) -> int:
     seeds = [int(s) for s in a.seeds.split(",") if s.strip()]
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
+    est_ms: dict[str, float | None] = {}
+    for name in arms:
+        try:
+            est_ms[name] = h100_estimate({**common, **arms[name]})
+        except Exception as exc:  # the column is informative; --equal-time below needs every estimate
+            if a.equal_time:
+                raise SystemExit(f"--equal-time: no H100 estimate for arm {name}: {exc}") from None
+            print(f"warning: no H100 estimate for arm {name}: {exc}", file=sys.stderr)
+            est_ms[name] = None
+    plan = equal_time_plan(arms, common, a.preset, est_ms) if a.equal_time else {}
+    for name, p in plan.items():
+        print(f"equal-time: {name}: est. {p['ms']:.2f} H100 ms/step -> ITERATIONS={p['iterations']} "
+              f"WARMDOWN_ITERS={p['warmdown_iters']}", flush=True)
+    extra = {name: {"ITERATIONS": str(p["iterations"]), "WARMDOWN_ITERS": str(p["warmdown_iters"])}
+             for name, p in plan.items()}
     jobs = [(name, seed) for seed in seeds for name in arms]  # seed-major: early results cover every arm
     threads = 1 if a.jobs > 1 else 0
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
-        futures = {job: pool.submit(run_one, out, job[0], job[1], {**common, **arms[job[0]]}, a.preset, threads)
+        futures = {job: pool.submit(run_one, out, job[0], job[1], {**common, **arms[job[0]], **extra.get(job[0], {})},
+                                    a.preset, threads, plan[job[0]]["iterations"] if plan else None)
                    for job in jobs}
         logs = {job: fut.result() for job, fut in futures.items()}
     summary = summarize(list(arms), logs)
+    for name in arms:
+        summary["arms"][name]["est_h100_ms"] = est_ms[name]
+    if plan:
+        summary["equal_time"] = plan
     summary["command"] = " ".join([sys.executable.split("/")[-1], "-m", "bench.ab"] + (argv or sys.argv[1:]))
     text = markdown(summary)
     print(text)

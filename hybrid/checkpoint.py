@@ -46,9 +46,10 @@ RESUME_FREE = frozenset({
 
 
 def resume_mismatches(saved: dict, current: dict) -> list[str]:
-    """'NAME: checkpoint X, now Y' for each training-math setting that differs (RESUME_FREE aside)."""
+    """'NAME: checkpoint X, now Y' for each training-math setting that differs (RESUME_FREE aside).
+    A setting only one side knows (a checkpoint from before the field existed) is not compared."""
     out = []
-    for name in sorted(set(saved) | set(current)):
+    for name in sorted(set(saved) & set(current)):
         if name in RESUME_FREE:
             continue
         if saved.get(name) != current.get(name):

@@ -12,6 +12,8 @@ The letter picks the block's sequence mixer:
   F  full causal attention
   R  RWKV-7 time-mix (hybrid/rwkv7.py; ARCHS.md §1); the first R layer makes the value residual
      v_first that every later R layer mixes in
+The T mixer itself is `token_mix`: "shift" (TokenShiftMix, the default) or one of the stronger
+variants of hybrid/token_mix.py (ddlerp, conv, shiftk, shift_silu_gate; K = token_mix_kernel).
 Its case picks the FFN: upper case = the dense FFN (the hybrid MLP; an R layer takes RWKV-7's
 channel-mix instead when rwkv_ffn="cmix"), lower case = the same mixer with a Mixture-of-Experts FFN
 (hybrid/moe.py, shaped by the moe_* fields, which need moe_num_experts > 0). So "TttWttWttWtF" says
@@ -44,6 +46,10 @@ LAYER_KINDS = {
 }
 MLP_ACTIVATIONS = ("leaky_relu2", "relu2")
 MLP_FUSED_MODES = ("auto", "triton", "off", "ref")  # = hybrid.fused_mlp.FUSED_MLP_MODES (tested)
+TOKEN_MIXES = ("shift", "ddlerp", "conv", "shiftk", "shift_silu_gate")  # hybrid/token_mix.py
+# K < 16 keeps a conv/shiftk [K, C] tap tensor off Muon and out of the int grid (optim.is_matrix,
+# quant.policy.MIN_MATRIX_DIM): it stays a per-channel control tensor.
+TOKEN_MIX_MAX_KERNEL = 15
 BLOCK_STYLES = ("hybrid", "rwkv")
 RWKV_FFNS = ("mlp", "cmix")
 # WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/wkv7.py).
@@ -94,6 +100,11 @@ class ModelConfig:
     mlp_fused: str = "off"
     layer_pattern: str = "TTTWTTWTTWTF"
     attn_window: int = 128  # W layers: each query sees exactly the last 128 tokens, itself included
+    # T layers' mixer (hybrid/token_mix.py): "shift" = TokenShiftMix, the one-token lerp; "ddlerp" =
+    # RWKV-6's data-dependent lerp; "conv" = causal depthwise conv over K tokens; "shiftk" = softmax
+    # mix of the last K tokens; "shift_silu_gate" = shift with r = SiLU(W_r·xr).
+    token_mix: str = "shift"
+    token_mix_kernel: int = 4  # K (current token included) of "conv" and "shiftk"; 1..TOKEN_MIX_MAX_KERNEL
     rope_dims: int = 16  # partial RoPE on the first 16 of 64 head dims, golf PR #315; 0 = all head dims
     rope_base: float = 10000.0
     # PR #1125 swept 1.5/2/3/4 on the 11-layer stack: 4.0 was best (-0.0039 bpb); docs/SETTINGS.md.
@@ -243,6 +254,9 @@ class ModelConfig:
         need(self.mlp_fused in MLP_FUSED_MODES, f"mlp_fused must be one of {MLP_FUSED_MODES}, got {self.mlp_fused!r}")
         need("W" not in kinds or self.attn_window >= 1,
              f"attn_window must be >= 1 when the pattern has W layers, got {self.attn_window}")
+        need(self.token_mix in TOKEN_MIXES, f"token_mix must be one of {TOKEN_MIXES}, got {self.token_mix!r}")
+        need(1 <= self.token_mix_kernel <= TOKEN_MIX_MAX_KERNEL,
+             f"token_mix_kernel must be in [1, {TOKEN_MIX_MAX_KERNEL}], got {self.token_mix_kernel}")
         need(self.xsa_last >= 0, f"xsa_last must be >= 0, got {self.xsa_last}")
         need(self.bigram_buckets == 0 or self.bigram_buckets >= 2,
              f"bigram_buckets must be 0 (off) or >= 2 (bucket B-1 is reserved), got {self.bigram_buckets}")

@@ -2,7 +2,8 @@
 
     ids -> tok_emb (+ BigramHash) -> RMSNorm -> (SmearGate) = x0
         -> blocks, each: x = m0⊙x + m1⊙x0;  x += mix_scale⊙mixer(norm(x)·s);  x += mlp_scale⊙ffn(norm(x)·s)
-           (mixer: TokenShiftMix for T, CausalAttention for W/F, RWKV7TimeMix for R; ffn: MLP, RWKV-7
+           (mixer: TokenShiftMix for T, or cfg.token_mix's variant (hybrid/token_mix.py), CausalAttention
+           for W/F, RWKV7TimeMix for R; ffn: MLP, RWKV-7
            channel-mix for R with rwkv_ffn="cmix", MoEFFN for a lower-case letter; s = LN scale;
            optional U-Net skips)
         -> RMSNorm -> tied head -> softcap·tanh(z/softcap) -> fp32 cross-entropy (+ the MoE aux losses)
@@ -20,7 +21,8 @@ forward. `after_optimizer_step()` applies the aux-loss-free bias update (a no-op
 
 Evaluation paths (hybrid/evaluate.py): `forward_logits(ids, last)` runs the head only on the last `last`
 positions (sliding-window eval scores only a window's tail); `forward_logits_stateful(ids, state)`
-carries every recurrent state across calls (R: token shift + WKV; T, SmearGate, BigramHash: one token)
+carries every recurrent state across calls (R: token shift + WKV; SmearGate, BigramHash: one token; T:
+one token, or the last K−1 for token_mix conv/shiftk)
 so chunks of a stream score as one sequence; models with attention (W/F) are refused (`check_stateful`).
 
 `ModelConfig()` gives the hybrid; `ModelConfig(**ARCH_DEFAULTS["gpt"])` gives the challenge's naive
@@ -114,9 +116,10 @@ def shifted_call(fn, x: Tensor, prev: Tensor, *pairs: tuple[Tensor, Tensor]) -> 
 class Block(nn.Module):
     """Pre-norm residual block with a sequence mixer and an FFN. [B, T, C] -> [B, T, C].
 
-    Mixer by letter: "T" -> TokenShiftMix; "W" -> CausalAttention with window cfg.attn_window; "F" ->
-    full; "R" -> RWKV7TimeMix (`first_rwkv` marks the layer that makes v_first). FFN: the MLP, RWKV-7
-    channel-mix for "R" with cfg.rwkv_ffn == "cmix", or MoEFFN for a lower-case letter.
+    Mixer by letter: "T" -> TokenShiftMix (cfg.token_mix "shift") or hybrid/token_mix.py's variant;
+    "W" -> CausalAttention with window cfg.attn_window; "F" -> full; "R" -> RWKV7TimeMix (`first_rwkv`
+    marks the layer that makes v_first). FFN: the MLP, RWKV-7 channel-mix for "R" with
+    cfg.rwkv_ffn == "cmix", or MoEFFN for a lower-case letter.
     resid_mix (2 × C, init [1, 0]) blends the stream with x0 first (baseline). With cfg.ln_scale the
     normed inputs of both sublayers are scaled by 1/sqrt(layer_idx+1) (golf PR #315); unlike the
     published hybrid, which skipped it in token-shift blocks, we apply it to every block so the
@@ -131,8 +134,12 @@ class Block(nn.Module):
         self.kind = kind.upper()  # the mixer
         self.is_moe = kind.islower()
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
-        if self.kind == "T":
+        if self.kind == "T" and cfg.token_mix == "shift":
             self.mixer: nn.Module = TokenShiftMix(C)
+        elif self.kind == "T":  # imported only by runs that ask for a variant (code bytes)
+            from hybrid.token_mix import token_mixer
+
+            self.mixer = token_mixer(cfg.token_mix, C, cfg.token_mix_kernel)
         elif self.kind == "R":
             from hybrid.rwkv7 import RWKV7TimeMix
 
@@ -170,8 +177,9 @@ class Block(nn.Module):
         return x, v_first, aux_loss
 
     def forward_stateful(self, x: Tensor, x0: Tensor, v_first: Tensor | None, state: tuple | None):
-        """State = (mixer state, FFN state): T -> last normed input [B, C]; R -> (shift [B, C], WKV
-        [B, H, N, N] fp32); the channel-mix -> its last input [B, C]; None elsewhere / when fresh."""
+        """State = (mixer state, FFN state): T -> last normed input [B, C] ("shift"), or the last
+        `mixer.lookback` normed inputs [B, lookback, C] (hybrid/token_mix.py's variants); R -> (shift
+        [B, C], WKV [B, H, N, N] fp32); the channel-mix -> its last input [B, C]; None elsewhere / when fresh."""
         x, v_first, _, new_state = self._run(x, x0, None, v_first, state)
         return x, v_first, new_state
 
@@ -180,9 +188,11 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = self._norm(x)
-        if self.kind == "T":
+        if self.kind == "T" and isinstance(self.mixer, TokenShiftMix):
             out = self.mixer(h) if mix_state is None else shifted_call(self.mixer, h, mix_state)
             mix_state = h[:, -1]
+        elif self.kind == "T":
+            out, mix_state = self.mixer.step(h, mix_state)
         elif self.kind == "R":
             out, v_first, mix_state = self.mixer(h, v_first, mix_state)
         else:
@@ -290,6 +300,8 @@ class HybridGPT(nn.Module):
         | ve.table / ve.shared_scale / mixer.ve_scale   | N(0, 0.01) / 0.1 / 1                     |
         | smear.gate                                    | 0 (σ = 0.5)                              |
         | mixer.mix_r, mixer.mix_k (token shift)        | 0.5 (σ ≈ 0.62 on the current token)      |
+        | token_mix variants' own vectors / taps; their | each module's reset_parameters() (equal  |
+        |   lora_b_* (ddlerp, _zero_init)               |   to the lerp at init) / 0               |
         | mixer.q_gain / q_norm_gain, k_norm_gain       | qk_gain_init = 1.5 / 1                   |
         | mix_scale, mlp_scale / resid_mix              | 1 / [1, 0]                               |
         | skip_weights                                  | 1                                        |
@@ -455,7 +467,8 @@ class HybridGPT(nn.Module):
 
 def check_stateful(cfg: ModelConfig) -> None:
     """Raise ValueError unless every sequence mixer of `cfg` carries its whole past in a fixed-size state
-    (R: WKV state + token shift; T: one token), i.e. unless `HybridGPT.forward_logits_stateful` is exact.
+    (R: WKV state + token shift; T: its last one or K−1 inputs), i.e. unless
+    `HybridGPT.forward_logits_stateful` is exact.
     Attention (W, F) reads its past tokens themselves, which a chunk-to-chunk state cannot carry."""
     attn = sorted({k for k in cfg.mixer_kinds if k not in "RT"})
     if attn:

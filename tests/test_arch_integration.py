@@ -186,7 +186,7 @@ def test_hybrid_run_does_not_load_the_rwkv_and_moe_modules():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = out.stdout
-    for mod in ("hybrid.rwkv7", "hybrid.wkv7", "hybrid.moe", "hybrid.moe_presets"):
+    for mod in ("hybrid.rwkv7", "hybrid.wkv7", "hybrid.moe", "hybrid.moe_presets", "hybrid.token_mix"):
         assert f"'{mod}'" not in loaded, loaded
 
 

@@ -5,7 +5,11 @@ Run: python -m pytest -q tests/test_layers.py
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -13,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import flex_attention
 
-from conftest import randomize_
+from conftest import ROOT, randomize_
 from hybrid.attention import _window_block_mask, attention, attention_ref, causal_band_mask, flex_window_attention
 from hybrid.layers import (
     MLP,
@@ -357,3 +361,312 @@ def test_attention_layer_shapes_and_ve_guard():
     assert layer(x).shape == (2, 5, 32)
     with pytest.raises(ValueError, match="use_ve"):
         layer(x, torch.randn(2, 5, 16))
+
+
+# ---- token-mix variants of the T layers (hybrid/token_mix.py, ModelConfig.token_mix) --------------
+
+from hybrid.config import TOKEN_MIXES, ModelConfig  # noqa: E402
+from hybrid.model import HybridGPT  # noqa: E402
+from hybrid.token_mix import (  # noqa: E402
+    ConvShiftMix,
+    DDLerpMix,
+    SiLUGateShiftMix,
+    SoftShiftMix,
+    token_mixer,
+)
+
+SIG = 1.0 / (1.0 + math.exp(-0.5))  # σ(0.5): shift's init weight on the current token
+VARIANTS = [("ddlerp", 1), ("conv", 1), ("conv", 2), ("conv", 4), ("shiftk", 1), ("shiftk", 2), ("shiftk", 4),
+            ("shift_silu_gate", 1)]
+
+
+def copy_rkv(dst, src):
+    """Give `dst` the W_r/W_k/W_v weights of `src`."""
+    with torch.no_grad():
+        for n in ("w_r", "w_k", "w_v"):
+            getattr(dst, n).weight.copy_(getattr(src, n).weight)
+    return dst
+
+
+def rkv64(m, xr, xk, gate="sigmoid"):
+    """The r/k/v path in float64 from the module's weights; xr, xk [B, C] float64."""
+    W = {n: getattr(m, n).weight.double() for n in ("w_r", "w_k", "w_v")}
+    z = xr @ W["w_r"].T
+    r = 1 / (1 + torch.exp(-z))
+    if gate == "silu":
+        r = z * r
+    k = torch.relu(xk @ W["w_k"].T) ** 2
+    return r * (k @ W["w_v"].T)
+
+
+def tap(x, t, j):
+    """x[:, t−j] in float64, zeros before the sequence."""
+    return x[:, t - j].double() if t - j >= 0 else torch.zeros_like(x[:, 0]).double()
+
+
+def ddlerp_ref64(m, x):
+    R = m.rank
+    A, Br, Bk = m.lora_a.weight.double(), m.lora_b_r.weight.double(), m.lora_b_k.weight.double()
+    mx, mr, mk = m.mu_x.double(), m.mu_r.double(), m.mu_k.double()
+    out = []
+    for t in range(x.size(1)):
+        xt, xp = tap(x, t, 0), tap(x, t, 1)
+        xx = xp - xt
+        z = torch.tanh((xt + xx * mx) @ A.T)
+        xr = xt + xx * (mr + z[:, :R] @ Br.T)
+        xk = xt + xx * (mk + z[:, R:] @ Bk.T)
+        out.append(rkv64(m, xr, xk))
+    return torch.stack(out, dim=1)
+
+
+def taps_ref64(m, x, wr, wk, gate="sigmoid"):
+    """Σ_j w[j] ⊙ x[t−j] per branch, then the r/k/v path; wr, wk [K, C] float64."""
+    out = []
+    for t in range(x.size(1)):
+        xr = sum(wr[j] * tap(x, t, j) for j in range(wr.size(0)))
+        xk = sum(wk[j] * tap(x, t, j) for j in range(wk.size(0)))
+        out.append(rkv64(m, xr, xk, gate))
+    return torch.stack(out, dim=1)
+
+
+def softmax64(logits):
+    e = torch.exp(logits.double() - logits.double().max(dim=0).values)
+    return e / e.sum(dim=0)
+
+
+def variant_ref64(m, x):
+    if isinstance(m, DDLerpMix):
+        return ddlerp_ref64(m, x)
+    if isinstance(m, ConvShiftMix):
+        return taps_ref64(m, x, m.conv_mix_r.double(), m.conv_mix_k.double())
+    if isinstance(m, SoftShiftMix):
+        return taps_ref64(m, x, softmax64(m.mix_r), softmax64(m.mix_k))
+    sr, sk = torch.sigmoid(m.mix_r.double()), torch.sigmoid(m.mix_k.double())
+    return taps_ref64(m, x, torch.stack((sr, 1 - sr)), torch.stack((sk, 1 - sk)), gate="silu")
+
+
+@pytest.mark.parametrize("kind,K", VARIANTS)
+def test_token_mix_matches_float64_reference_at_random_params(kind, K):
+    """Random (non-init) parameters, LoRA B included; the module in float64 against a per-step loop."""
+    m = randomize_(token_mixer(kind, 16, K), std=0.4).double()
+    x = torch.randn(2, 9, 16, dtype=torch.float64)
+    torch.testing.assert_close(m(x), variant_ref64(m, x), atol=1e-10, rtol=1e-10)
+    # and in float32, the trained dtype
+    m32 = randomize_(token_mixer(kind, 16, K), std=0.4)
+    torch.testing.assert_close(m32(x.float()).double(), variant_ref64(m32, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,K", VARIANTS)
+def test_token_mix_causal_and_reads_exactly_its_lookback(kind, K):
+    """Input j reaches outputs j .. j + lookback and nothing else (lookback = 1, or K − 1 for conv/shiftk):
+    causal, and the receptive field that stateful evaluation carries."""
+    T = 12
+    m = randomize_(token_mixer(kind, 16, K), std=0.4)
+    L = K - 1 if kind in ("conv", "shiftk") else 1
+    assert m.lookback == L
+    x = torch.randn(2, T, 16)
+    assert_causal(m, x, T)
+    base = m(x)
+    for j in range(T):
+        x2 = x.clone()
+        x2[:, j] += 1.0
+        changed = (m(x2) - base).abs().amax(dim=(0, 2)) > 1e-5
+        assert changed.tolist() == [j <= t <= j + L for t in range(T)], j
+
+
+@pytest.mark.parametrize("kind,K", [("ddlerp", 1), ("conv", 2), ("conv", 4), ("conv", 7), ("shiftk", 2)])
+def test_token_mix_at_init_equals_shift(kind, K):
+    """ddlerp (B = 0), conv (taps [σ, 1−σ, 0, ..]) and shiftk with K = 2 start as shift's lerp: same output
+    as TokenShiftMix with the same W_r/W_k/W_v (random, W_v included, so the output is not just 0)."""
+    shift = randomize_(TokenShiftMix(16), std=0.4)
+    with torch.no_grad():
+        shift.mix_r.fill_(0.5), shift.mix_k.fill_(0.5)
+    m = copy_rkv(token_mixer(kind, 16, K), shift)
+    if kind == "ddlerp":  # a random A must not matter while B = 0
+        torch.nn.init.normal_(m.lora_a.weight)
+        assert torch.all(m.lora_b_r.weight == 0) and torch.all(m.lora_b_k.weight == 0)
+        assert m.lora_b_r._zero_init and m.lora_b_k._zero_init and m.rank == 4  # min(32, 16 // 4)
+    x = torch.randn(2, 10, 16)
+    ref = shift(x)
+    assert ref.abs().max() > 1e-2
+    torch.testing.assert_close(m(x), ref, atol=1e-6, rtol=1e-5)
+    if kind == "ddlerp":  # a nonzero B makes it data-dependent: the comparison above can fail
+        torch.nn.init.normal_(m.lora_b_r.weight)
+        assert (m(x) - ref).abs().max() > 1e-3
+
+
+def test_shiftk_init_weights_and_limit():
+    """shiftk K > 2 starts at softmax([0.5, 0, −4, ..]) (documented), and with the old logits at −∞ it
+    is shift again; K = 1 has no lookback (weight 1 on the current token)."""
+    shift = randomize_(TokenShiftMix(16), std=0.4)
+    with torch.no_grad():
+        shift.mix_r.fill_(0.5), shift.mix_k.fill_(0.5)
+    m = copy_rkv(SoftShiftMix(16, 4), shift)
+    w = torch.softmax(torch.tensor([0.5, 0.0, -4.0, -4.0], dtype=torch.float64), 0)
+    assert w.tolist() == pytest.approx([0.6140, 0.3724, 0.0068, 0.0068], abs=1e-4)
+    torch.testing.assert_close(softmax64(m.mix_r), w[:, None].expand(4, 16))
+    x = torch.randn(2, 10, 16)
+    assert (m(x) - shift(x)).abs().max() > 1e-4  # not equal at init (documented)
+    with torch.no_grad():
+        m.mix_r[2:] = -float("inf")
+        m.mix_k[2:] = -float("inf")
+    torch.testing.assert_close(m(x), shift(x), atol=1e-6, rtol=1e-5)
+    one = SoftShiftMix(16, 1)
+    assert one.lookback == 0 and torch.all(softmax64(one.mix_r) == 1)
+    conv1 = ConvShiftMix(16, 1)
+    assert conv1.lookback == 0 and torch.all(conv1.conv_mix_r == 1)
+    conv4 = ConvShiftMix(16, 4)
+    torch.testing.assert_close(conv4.conv_mix_k[:, 0], torch.tensor([SIG, 1 - SIG, 0.0, 0.0]))
+
+
+def test_silu_gate_is_pre_activation_times_shift():
+    """Same weights: shift_silu_gate's output is (W_r·xr) ⊙ shift's, since SiLU(z) = z·σ(z)."""
+    shift = randomize_(TokenShiftMix(16), std=0.4)
+    m = copy_rkv(SiLUGateShiftMix(16), shift)
+    with torch.no_grad():
+        m.mix_r.copy_(shift.mix_r), m.mix_k.copy_(shift.mix_k)
+    assert [n for n, _ in m.named_parameters()] == [n for n, _ in shift.named_parameters()]  # shift's names
+    x = torch.randn(2, 8, 16)
+    sr = torch.sigmoid(shift.mix_r)
+    xr = sr * x + (1 - sr) * token_shift_ref(x)
+    torch.testing.assert_close(m(x), shift.w_r(xr) * shift(x), atol=1e-5, rtol=1e-5)
+    assert torch.all(SiLUGateShiftMix(16).mix_r == 0.5)
+
+
+def tiny_mix_model(token_mix: str, K: int = 4, pattern: str = "TTWT", **kw) -> HybridGPT:
+    cfg = ModelConfig(vocab_size=64, num_layers=len(pattern), layer_pattern=pattern, model_dim=32, num_heads=4,
+                      num_kv_heads=2, attn_window=4, rope_dims=4, ve_dim=8, bigram_buckets=16, bigram_dim=8,
+                      rwkv_head_size=16, mlp_mult=2.0, token_mix=token_mix, token_mix_kernel=K, **kw)
+    return HybridGPT(cfg)
+
+
+def test_token_mix_shift_keeps_the_model_and_its_names():
+    """token_mix="shift" (the default) is TokenShiftMix with its five tensors, nothing new in the state dict,
+    and a default model never imports hybrid/token_mix.py (code bytes)."""
+    assert ModelConfig().token_mix == "shift" and ModelConfig().token_mix_kernel == 4
+    m = tiny_mix_model("shift")
+    t_keys = {k for k in m.state_dict() if k.startswith("blocks.0.mixer.")}
+    assert t_keys == {f"blocks.0.mixer.{n}" for n in ("mix_r", "mix_k", "w_r.weight", "w_k.weight", "w_v.weight")}
+    assert type(m.blocks[0].mixer) is TokenShiftMix
+    assert set(m.state_dict()) == set(HybridGPT(dataclasses.replace(m.cfg, token_mix_kernel=2)).state_dict())
+    code = ("import sys; from hybrid.config import ModelConfig; from hybrid.model import HybridGPT; "
+            "HybridGPT(ModelConfig(model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, ve_dim=8, "
+            "bigram_dim=8, mlp_mult=1.0, vocab_size=64)); print('hybrid.token_mix' in sys.modules)")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("kind", [k for k in TOKEN_MIXES if k != "shift"])
+def test_token_mix_model_builds_trains_and_init_equals_shift(kind):
+    """A tiny model per variant: forward + backward with a gradient on every parameter (randomized, so no
+    zero-init path hides one); at init ddlerp/conv equal the shift model with the same weights."""
+    torch.manual_seed(1)
+    m = tiny_mix_model(kind)
+    assert isinstance(m.blocks[0].mixer, type(token_mixer(kind, 8)))
+    ids = torch.randint(0, 64, (2, 12))
+    loss = m(ids, torch.randint(0, 64, (2, 12)))
+    loss.backward()
+    assert torch.isfinite(loss)
+    randomize_(m, std=0.2)
+    m.zero_grad()
+    m(ids, torch.randint(0, 64, (2, 12))).backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().max() > 0, n
+    if kind in ("ddlerp", "conv"):
+        fresh = tiny_mix_model(kind)
+        shift = tiny_mix_model("shift")
+        sd = fresh.state_dict()
+        own = shift.state_dict()
+        assert {k for k in own if k not in sd} == {f"blocks.{i}.mixer.mix_{b}" for i in (0, 1, 3) for b in "rk"}
+        shift.load_state_dict({k: sd.get(k, v) for k, v in own.items()})  # every shared tensor, same values
+        torch.testing.assert_close(fresh.forward_logits(ids), shift.forward_logits(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,K", VARIANTS)
+def test_token_mix_stateful_chunks_equal_one_forward(kind, K):
+    """Stateful evaluation carries the last K−1 (or 1) normed inputs of each T layer: chunks (some shorter
+    than the lookback) give the logits of one pass; a fresh state does not."""
+    torch.manual_seed(2)
+    m = randomize_(tiny_mix_model(kind, K, pattern="TRTT", rwkv_ffn="cmix"), std=0.2).eval()
+    x = torch.randint(0, 64, (2, 30))
+    full = m.forward_logits(x)
+    state, parts = None, []
+    for a, b in [(0, 1), (1, 3), (3, 4), (4, 17), (17, 30)]:
+        logits, state = m.forward_logits_stateful(x[:, a:b], state)
+        parts.append(logits)
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert state[1][0][0].shape == (2, m.blocks[0].mixer.lookback, 32)
+    halves = [m.forward_logits_stateful(x[:, :15], None)]
+    halves.append(m.forward_logits_stateful(x[:, 15:], halves[0][1]))
+    torch.testing.assert_close(torch.cat([h[0] for h in halves], dim=1), full, rtol=1e-5, atol=1e-5)
+    if m.blocks[0].mixer.lookback:
+        assert (m.forward_logits_stateful(x[:, 15:], None)[0] - full[:, 15:]).abs().max() > 1e-3
+
+
+def test_token_mix_config_validation():
+    with pytest.raises(ValueError, match=r"token_mix must be one of .*'shift'.*'ddlerp'.*'conv'.*'shiftk'.*"
+                                         r"'shift_silu_gate'.*got 'lerp'"):
+        ModelConfig(token_mix="lerp")
+    for K in (0, -1, 16):
+        with pytest.raises(ValueError, match=f"token_mix_kernel must be in \\[1, 15\\], got {K}"):
+            ModelConfig(token_mix="conv", token_mix_kernel=K)
+    with pytest.raises(ValueError, match="token_mix"):
+        token_mixer("lerp", 8)
+    with pytest.raises(ValueError, match="kernel"):
+        ConvShiftMix(8, 0)
+    ModelConfig(token_mix="shiftk", token_mix_kernel=15)
+
+
+def test_token_mix_flows_from_hyperparameters():
+    """TOKEN_MIX / TOKEN_MIX_KERNEL and --token-mix / --token-mix-kernel reach ModelConfig, like ATTN_WINDOW."""
+    from train_gpt import resolve_hyperparameters
+
+    h = resolve_hyperparameters(["--token-mix", "conv", "--token-mix-kernel", "3"], env={})
+    assert (h.model_config().token_mix, h.model_config().token_mix_kernel) == ("conv", 3)
+    h = resolve_hyperparameters([], env={"TOKEN_MIX": "ddlerp", "TOKEN_MIX_KERNEL": "2"})
+    assert (h.token_mix, h.token_mix_kernel) == ("ddlerp", 2)
+    h = resolve_hyperparameters([], env={})
+    assert (h.token_mix, h.token_mix_kernel) == ("shift", 4)
+
+
+@pytest.mark.parametrize("kind", ["ddlerp", "conv", "shiftk"])
+def test_token_mix_params_get_optimizer_groups_and_export_precision(kind):
+    """At full width (C = 512, meta device): LoRA factors are Muon matrices stored as int; the vectors
+    and [K, C] taps are Adam control tensors stored in fp32."""
+    from hybrid.optim import split_params
+    from quant.policy import make_precision_fn, tensor_group
+
+    cfg = ModelConfig(token_mix=kind, token_mix_kernel=8)
+    with torch.device("meta"):
+        m = HybridGPT(cfg)
+    emb, mat, sca = split_params(m)
+    group = {n: "muon" for n, _ in mat} | {n: "adam" for n, _ in sca} | {n: "emb" for n, _ in emb}
+    prec = make_precision_fn()
+    seen = {}
+    for n, p in m.blocks[0].mixer.named_parameters():
+        full = f"blocks.0.mixer.{n}"
+        seen[n] = (group[full], prec(full, p).kind, tensor_group(full, p))
+    expect = {n: ("muon", "int", "mixer") for n in ("w_r.weight", "w_k.weight", "w_v.weight")}
+    if kind == "ddlerp":
+        expect |= {n: ("adam", "fp32", "control") for n in ("mu_x", "mu_r", "mu_k")}
+        expect |= {n: ("muon", "int", "mixer") for n in ("lora_a.weight", "lora_b_r.weight", "lora_b_k.weight")}
+        assert m.blocks[0].mixer.lora_a.weight.shape == (64, 512)  # rank 32 per branch
+    else:
+        names = ("conv_mix_r", "conv_mix_k") if kind == "conv" else ("mix_r", "mix_k")
+        expect |= {n: ("adam", "fp32", "control") for n in names}
+        assert getattr(m.blocks[0].mixer, names[0]).shape == (8, 512)
+    assert seen == expect
+
+
+def test_token_mix_compiles_fullgraph():
+    """No graph break in the variants' forward or in the stateful step (dynamo only, eager backend)."""
+    for kind in ("ddlerp", "conv", "shiftk", "shift_silu_gate"):
+        m = randomize_(token_mixer(kind, 16, 3), std=0.4)
+        x = torch.randn(2, 6, 16)
+        torch._dynamo.reset()
+        torch.testing.assert_close(torch.compile(m, backend="eager", fullgraph=True)(x), m(x))
+        past = torch.randn(2, m.lookback, 16)
+        step = torch.compile(m.step, backend="eager", fullgraph=True)
+        for a, b in zip(step(x, past), m.step(x, past)):
+            torch.testing.assert_close(a, b)
