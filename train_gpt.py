@@ -446,9 +446,9 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     sp = load_tokenizer(h.tokenizer_path, h.vocab_size)
     luts = build_byte_luts(sp, h.vocab_size, device)
     val_tokens = load_validation_tokens(os.path.join(h.data_path, "fineweb_val_*.bin"), h.train_seq_len,
-                                        h.val_max_tokens)
+                                        h.val_max_tokens, vocab_size=h.vocab_size)  # ids checked per shard
     loader = DistributedTokenLoader(os.path.join(h.data_path, "fineweb_train_*.bin"), rt.rank, rt.world_size,
-                                    seed=h.data_seed)
+                                    seed=h.data_seed, vocab_size=h.vocab_size)
     log(f"data:{h.data_path} val_tokens:{val_tokens.numel() - 1} tokenizer:{h.tokenizer_path} "
         f"train_batch_tokens:{h.train_batch_tokens} train_seq_len:{h.train_seq_len}")
 

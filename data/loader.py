@@ -28,13 +28,14 @@ from data.shards import list_shards, memmap_shard, shard_token_count
 class DistributedTokenLoader:
     """Deterministic infinite token stream over shards, split into per-rank (x, y) batches."""
 
-    def __init__(self, pattern, rank: int, world_size: int, seed: int = 0):
+    def __init__(self, pattern, rank: int, world_size: int, seed: int = 0, vocab_size: int | None = None):
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world_size={world_size}")
         self.pattern = str(pattern)
         self.rank = rank
         self.world_size = world_size
         self.seed = int(seed)
+        self.vocab_size = vocab_size  # token ids are checked against it as each shard is opened
         paths = list_shards(self.pattern)
         # Seed 0 keeps the export's order, which is itself a frozen shuffle
         # (GOLF.md §1.5), so fewer shards means a prefix of the same stream.
@@ -87,7 +88,7 @@ class DistributedTokenLoader:
             if self._mapped_idx != self.shard_idx:
                 # Drop the previous mapping first so at most one shard is mapped.
                 self._mapped = None
-                self._mapped = memmap_shard(self.paths[self.shard_idx])
+                self._mapped = memmap_shard(self.paths[self.shard_idx], self.vocab_size)
                 self._mapped_idx = self.shard_idx
             k = min(n - filled, left)
             out[filled : filled + k] = self._mapped[self.offset : self.offset + k]

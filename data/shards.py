@@ -81,24 +81,42 @@ def shard_token_count(path) -> int:
     return _validated_token_count(Path(path))
 
 
-def read_shard(path) -> np.ndarray:
-    """Load a whole shard as a uint16 array after validating magic, version and exact length."""
+def check_token_ids(path, tokens: np.ndarray, vocab_size: int | None) -> None:
+    """ShardError naming the file and the first position whose id is >= vocab_size (None: no check).
+    One vectorised max over the (mapped) tokens: a fraction of the cost of reading them once.
+    Without it an out-of-vocabulary id fails deep inside the model: an IndexError on the CPU, a
+    device-side assert on a GPU, after training when it sits in a validation shard."""
+    if vocab_size is None or tokens.size == 0 or int(tokens.max()) < vocab_size:
+        return
+    pos = int(np.argmax(tokens >= vocab_size))
+    raise ShardError(f"{path}: token id {int(tokens[pos])} at position {pos} is outside the vocabulary "
+                     f"(VOCAB_SIZE={vocab_size}); the shard was built with another tokenizer: rebuild it "
+                     f"with the run's tokenizer or set VOCAB_SIZE and TOKENIZER_PATH to match it")
+
+
+def read_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    """Load a whole shard as a uint16 array after validating magic, version, exact length and (with
+    `vocab_size`) every token id."""
     path = Path(path)
     count = _validated_token_count(path)
     tokens = np.fromfile(path, dtype="<u2", count=count, offset=HEADER_BYTES)
     if tokens.size != count:  # the file changed between the size check and the read
         raise ShardError(f"{path}: read {tokens.size} of {count} tokens; the file changed while reading")
+    check_token_ids(path, tokens, vocab_size)
     return tokens.astype(np.uint16, copy=False)
 
 
-def memmap_shard(path) -> np.ndarray:
-    """Validated read-only view of a shard's tokens that pages data in on demand (for the train loader)."""
+def memmap_shard(path, vocab_size: int | None = None) -> np.ndarray:
+    """Validated read-only view of a shard's tokens that pages data in on demand (for the train
+    loader); with `vocab_size`, every id is checked when the shard is opened."""
     path = Path(path)
     count = _validated_token_count(path)
     if count == 0:
         # np.memmap refuses zero-length mappings; an empty array behaves the same for callers.
         return np.zeros(0, dtype=np.uint16)
-    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    tokens = np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(count,))
+    check_token_ids(path, tokens, vocab_size)
+    return tokens
 
 
 def write_shard(path, tokens) -> None:
@@ -142,17 +160,18 @@ def list_shards(pattern) -> list:
     return paths
 
 
-def load_validation_tokens(pattern, seq_len: int, max_tokens: int = 0) -> torch.Tensor:
+def load_validation_tokens(pattern, seq_len: int, max_tokens: int = 0, vocab_size: int | None = None) -> torch.Tensor:
     """All shards matching `pattern`, concatenated in sorted order, as one int64 tensor.
 
     Optionally cut to the first `max_tokens` tokens, then truncated to
     ((N - 1) // seq_len) * seq_len + 1 so the stream splits into whole windows of
-    `seq_len` inputs, each with its next-token target (GOLF.md §2.3).
+    `seq_len` inputs, each with its next-token target (GOLF.md §2.3). With `vocab_size`, every
+    token id is checked (`check_token_ids`).
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")
     paths = list_shards(pattern)
-    tokens = np.concatenate([read_shard(p) for p in paths])
+    tokens = np.concatenate([read_shard(p, vocab_size) for p in paths])
     if max_tokens > 0:
         tokens = tokens[:max_tokens]
     usable = ((tokens.size - 1) // seq_len) * seq_len

@@ -95,6 +95,24 @@ def test_write_shard_rejects_values_outside_uint16(tmp_path, bad):
     assert not (tmp_path / "s.bin").exists()
 
 
+def test_token_ids_outside_the_vocabulary_name_file_and_position(tmp_path):
+    good = np.arange(50, dtype=np.uint16) % 16
+    bad = good.copy()
+    bad[37] = 16  # first id >= vocab_size=16
+    bad[44] = 900
+    write_shard(tmp_path / "fineweb_val_000000.bin", good)
+    write_shard(tmp_path / "fineweb_val_000001.bin", bad)
+    write_shard(tmp_path / "fineweb_train_000000.bin", bad)
+    val = str(tmp_path / "fineweb_val_*.bin")
+    assert load_validation_tokens(val, 8, vocab_size=1024).numel() > 0  # a larger vocabulary holds them
+    with pytest.raises(ShardError, match=r"fineweb_val_000001\.bin: token id 16 at position 37 .*VOCAB_SIZE=16"):
+        load_validation_tokens(val, 8, vocab_size=16)
+    with pytest.raises(ShardError, match=r"fineweb_train_000000\.bin: token id 16 at position 37"):
+        DistributedTokenLoader(str(tmp_path / "fineweb_train_*.bin"), 0, 1, vocab_size=16).next_batch(16, 8, 1)
+    x, _ = DistributedTokenLoader(str(tmp_path / "fineweb_train_*.bin"), 0, 1).next_batch(16, 8, 1)  # unchecked
+    assert int(x.max()) == 15
+
+
 def test_load_validation_tokens_truncates_to_whole_windows(tmp_path):
     write_shard(tmp_path / "fineweb_val_000000.bin", np.arange(100))
     write_shard(tmp_path / "fineweb_val_000001.bin", np.arange(1000, 1057))
@@ -388,3 +406,18 @@ def test_build_shards_input_errors(tmp_path):
     with pytest.raises(ValueError, match="choose --val-docs between 1 and 14"):
         build_shards_main(["--input", str(jsonl), str(folder), "--output-dir", str(tmp_path / "o"),
                            "--vocab-size", "400", "--val-docs", "15"])
+
+
+def test_trainer_stops_on_an_out_of_vocabulary_val_shard_before_training(tmp_path, monkeypatch, capsys, sample_corpus):
+    import train_gpt
+
+    tokens = np.arange(4000, dtype=np.uint16) % 1000
+    tokens[1234] = 2000  # VOCAB_SIZE is 1024
+    write_shard(tmp_path / "fineweb_val_000000.bin", tokens)
+    write_shard(tmp_path / "fineweb_train_000000.bin", np.arange(4000, dtype=np.uint16) % 1000)
+    monkeypatch.setenv("DATA_PATH", str(tmp_path))
+    monkeypatch.setenv("LOG_DIR", str(tmp_path / "logs"))
+    assert train_gpt.main(["--preset", "tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
+    assert "fineweb_val_000000.bin: token id 2000 at position 1234" in err
