@@ -24,7 +24,11 @@ one compressed stream: u32 JSON length | JSON header | data area, with one artif
 
 Reading is defensive: nothing is unpickled; the file CRC is checked before anything is decompressed;
 no section decompresses past its declared raw length, and the declared total must be <=
-`max_raw_bytes`; every section's raw CRC, the JSON schema, every byte range (in bounds, inside one
+`max_raw_bytes` (MAX_RAW_BYTES by default: 4 × the 16,000,000-byte budget); the header is
+decompressed and checked first, and the data sections are inflated only once the header's tensor
+table accounts for every byte they declare, into one preallocated buffer, so the reader's memory is
+bounded by what the header declares (peak measured under a bomb fuzz: docs/ARTIFACT.md); every
+section's raw CRC, the JSON schema, every byte range (in bounds, inside one
 section, tiling the data area exactly) and every value (grid bounds, finite floats) are checked; any
 failure raises `ArtifactError("<source>: <reason>")`.
 """
@@ -42,15 +46,22 @@ import torch
 from torch import Tensor
 
 from quant.codec import available_compressors, pack_bits, unpack_bits
-from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section, open_v2,
+from quant.budget import ARTIFACT_LIMIT
+from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section,
                              read_prefix, read_table, seal_sections, smallest_sections)
 from quant.container import MAGIC, seal  # noqa: F401  re-exported: callers import them from here
 from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax
 from quant.policy import is_embedding_name, quantize_precision, tensor_group
 
 FORMAT_VERSION = 2
-MAX_HEADER_BYTES = 1 << 24
-MAX_TENSORS = 1 << 16
+# Reader bounds. A file within the budget holds at most 16,000,000 bytes; its int values and scales
+# compress about 2x (0.44-0.71 byte per int6 parameter), fp16/fp32 tensors hardly at all, so no
+# real artifact declares more than ~2.5x its size raw. 4x the budget leaves room for models over
+# the budget (FIT_BUDGET=0 experiments) and refuses decompression bombs before any inflation.
+MAX_RAW_BYTES = 4 * ARTIFACT_LIMIT
+MAX_FILE_BYTES = 4 * ARTIFACT_LIMIT
+MAX_HEADER_BYTES = 1 << 22  # a real header is ~30 kB of JSON for ~150 tensors
+MAX_TENSORS = 1 << 14
 MAX_NDIM = 8
 MAX_SECTION_NAME = 64
 HEADER_KEYS = {1: {"format", "version", "bitpack", "tensors"}, 2: {"format", "version", "sections", "tensors"}}
@@ -365,29 +376,55 @@ def _ends(lengths) -> list[int]:
     return ends
 
 
-def unpack_model(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = 1 << 31) -> dict[str, Tensor]:
+def _checked_header(header_bytes, version: int, bounds: list[int], source: str, what: str = "bad header") -> dict:
+    try:
+        return _check_header(header_bytes, version, bounds)
+    except Exception as exc:  # noqa: BLE001  schema checks raise ValueError; the net also catches the rest
+        raise ArtifactError(f"{source}: {what}: {type(exc).__name__}: {exc}") from None
+
+
+def _v2_data(blob, prefix, table: list, header_raw: bytes, source: str) -> bytearray:
+    """The data sections inflated one at a time into one buffer of the size the (checked) table and
+    header declare, each bounded by its raw length; then the prefix's CRC over header + data."""
+    data = bytearray(sum(e.raw_len for e in table[1:]))
+    crc, pos = zlib.crc32(header_raw), 0
+    for i, entry in enumerate(table[1:], start=1):
+        raw = decode_section(blob, entry, i, source)
+        data[pos:pos + len(raw)] = raw
+        crc = zlib.crc32(raw, crc)
+        pos += len(raw)
+        del raw
+    if crc != prefix.raw_crc:
+        raise ArtifactError(f"{source}: raw payload CRC-32 mismatch: the sections decode to other bytes")
+    return data
+
+
+def unpack_model(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = MAX_RAW_BYTES) -> dict[str, Tensor]:
     """Artifact bytes (version 1 or 2) -> {name: tensor}: dequantized floats in their original dtype,
-    raw tensors exact. Any malformed input raises ArtifactError naming `source`."""
+    raw tensors exact. Any malformed input raises ArtifactError naming `source`. Version 2: the
+    header is read and checked against the section table before any data section is inflated."""
     prefix = read_prefix(blob, source)
     if prefix.version == 1:
         from quant.artifact_v1 import open_v1, v1_parts  # only old files: a run reads back version 2
 
         raw = open_v1(blob, prefix, source, max_raw_bytes)
-    else:
-        raws = open_v2(blob, prefix, _v2_table(blob, prefix, source, max_raw_bytes), source)
-    try:
-        if prefix.version == 1:
+        try:
             header_bytes, data = v1_parts(raw)
-            bounds = [len(data)]
-        else:
-            header_bytes, data, bounds = raws[0], b"".join(raws[1:]), _ends(len(r) for r in raws[1:])
-        header = _check_header(header_bytes, prefix.version, bounds)
+        except Exception as exc:  # noqa: BLE001
+            raise ArtifactError(f"{source}: bad header or data: {type(exc).__name__}: {exc}") from None
+        header = _checked_header(header_bytes, 1, [len(data)], source, "bad header or data")
+    else:
+        table = _v2_table(blob, prefix, source, max_raw_bytes)
+        header_raw = decode_section(blob, table[0], 0, source)
+        header = _checked_header(header_raw, 2, _ends(e.raw_len for e in table[1:]), source, "bad header or data")
+        data = _v2_data(blob, prefix, table, header_raw, source)
+    try:
         return {e["name"]: _decode(e, data) for e in header["tensors"]}
-    except Exception as exc:  # noqa: BLE001  schema and value checks raise ValueError; the net also catches the rest
+    except Exception as exc:  # noqa: BLE001  value checks raise ValueError; the net also catches the rest
         raise ArtifactError(f"{source}: bad header or data: {type(exc).__name__}: {exc}") from None
 
 
-def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = 1 << 31) -> list[dict]:
+def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: int = MAX_RAW_BYTES) -> list[dict]:
     """One row per section, for size logs: name, compressor, transform, raw_bytes, compressed_bytes,
     tensors (those with bytes in it) and params (elements of the tensors whose values are in it).
     Version 2 decompresses only the header; version 1 is one section, "payload". The file is
@@ -426,7 +463,7 @@ def artifact_sections(blob: bytes, source: str = "<artifact>", max_raw_bytes: in
     return rows
 
 
-def read_artifact(path, max_bytes: int = 1 << 31) -> bytes:
+def read_artifact(path, max_bytes: int = MAX_FILE_BYTES) -> bytes:
     """The artifact file's bytes; ArtifactError if unreadable or larger than `max_bytes`."""
     try:
         with open(path, "rb") as f:

@@ -210,12 +210,3 @@ def decode_section(blob, entry: TableEntry, index: int, source: str) -> bytes:
     return raw
 
 
-def open_v2(blob, prefix: Prefix, table: list[TableEntry], source: str) -> list[bytes]:
-    """Every section's raw bytes (`decode_section`), then the prefix's raw CRC over all of them."""
-    raws, crc = [], 0
-    for i, entry in enumerate(table):
-        raws.append(decode_section(blob, entry, i, source))
-        crc = zlib.crc32(raws[-1], crc)
-    if crc != prefix.raw_crc:
-        raise ArtifactError(f"{source}: raw payload CRC-32 mismatch: the sections decode to other bytes")
-    return raws

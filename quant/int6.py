@@ -165,8 +165,10 @@ def quantize_rows(w: Tensor, bits: int, clip: str = "mse", sd_k: float | None = 
 
 
 def dequantize_rows(q: Tensor, scale: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """q [R, C] (any int dtype) times the fp16 row scales [R], computed in fp32, cast to `dtype`."""
-    return (q.float() * scale.float().unsqueeze(1)).to(dtype)
+    """q [R, C] (any int dtype) times the fp16 row scales [R], computed in fp32, cast to `dtype`.
+    Multiplied in place into one fresh fp32 copy of q: the artifact reader's peak memory is that
+    copy, not two of them."""
+    return q.to(torch.float32, copy=True).mul_(scale.float().unsqueeze(1)).to(dtype)
 
 
 def fake_quant(w: Tensor, bits: int, clip: str = "mse", sd_k: float | None = None) -> Tensor:

@@ -24,19 +24,19 @@ from pathlib import Path
 ARTIFACT_NAME = "final_model.ptz"
 CONFIG_NAME = "config.json"
 SUBMISSION_NAME = "submission.json"
-MAX_RAW_BYTES = 1 << 30  # decompressed artifact bound: no 16 MB record needs more
 
 
 class VerifyError(RuntimeError):
     pass
 
 
-def load_artifact_state(path, max_file_bytes: int, max_raw_bytes: int = MAX_RAW_BYTES) -> dict:
-    """{name: tensor} from an artifact file; ArtifactError naming the file on any problem."""
-    from quant.artifact import read_artifact, unpack_model
+def load_artifact_state(path, max_file_bytes: int, max_raw_bytes: int | None = None) -> dict:
+    """{name: tensor} from an artifact file; ArtifactError naming the file on any problem. The raw
+    bound defaults to the reader's (quant/artifact.py MAX_RAW_BYTES, 4 × the budget)."""
+    from quant.artifact import MAX_RAW_BYTES, read_artifact, unpack_model
 
     blob = read_artifact(path, max_bytes=max_file_bytes)
-    return unpack_model(blob, source=str(path), max_raw_bytes=max_raw_bytes)
+    return unpack_model(blob, source=str(path), max_raw_bytes=MAX_RAW_BYTES if max_raw_bytes is None else max_raw_bytes)
 
 
 def build_model(model_config: dict, state: dict | None = None, source: str = "artifact"):

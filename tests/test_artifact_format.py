@@ -111,9 +111,9 @@ def forge(blob: bytes, mutate) -> bytes:
 
 def v2_raws(blob: bytes) -> list[bytes]:
     """The raw bytes of every section of a valid version-2 artifact."""
-    from quant.container import open_v2
+    from quant.container import decode_section
     prefix = read_prefix(blob, "raws")
-    return open_v2(blob, prefix, read_table(blob, prefix, "raws", 1 << 31), "raws")
+    return [decode_section(blob, e, i, "raws") for i, e in enumerate(read_table(blob, prefix, "raws", 1 << 31))]
 
 
 def seal_v2(raws: list[bytes], compressor: str = "zlib") -> bytes:
