@@ -18,6 +18,7 @@ import argparse
 import contextlib
 import copy
 import gc
+import hashlib
 import math
 import os
 import platform
@@ -743,6 +744,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     report = BudgetReport(code_bytes=code, model_bytes=artifact_path.stat().st_size)
     for line in report.lines():
         log(line)
+    log(f"artifact_sha256:{hashlib.sha256(blob).hexdigest()} path:{artifact_path}")  # ties the file to this log
     n_params = sum(t.numel() for t in model.state_dict().values())
     log(f"model_bytes_per_param:{report.model_bytes / n_params:.4f} params_stored:{n_params}")
     for sec in artifact_sections(blob, source=str(artifact_path)):  # where the bytes go, per tensor group

@@ -298,7 +298,7 @@ def _check_header(header_bytes, version: int, bounds: list[int]) -> dict:
     header = json.loads(bytes(header_bytes).decode("utf-8"))
     if not isinstance(header, dict) or set(header) != HEADER_KEYS[version]:
         raise ValueError(f"header must be an object with keys {sorted(HEADER_KEYS[version])}")
-    if header["format"] != "golf-quant" or header["version"] != version:
+    if header["format"] != "golf-quant" or type(header["version"]) is not int or header["version"] != version:
         raise ValueError(f"header format/version {header['format']!r}/{header['version']!r} not supported")
     if not isinstance(header["tensors"], list) or len(header["tensors"]) > MAX_TENSORS:
         raise ValueError(f"header tensors must be a list of at most {MAX_TENSORS} entries")

@@ -15,6 +15,7 @@ records/track_<track>/YYYY-MM-DD_<Name>/
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import math
 import re
@@ -88,6 +89,10 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
     if art_run.model_bytes is not None and artifact.stat().st_size != art_run.model_bytes:
         raise ValueError(f"{artifact} has {artifact.stat().st_size} bytes but {art_run.path} logged "
                          f"model_bytes:{art_run.model_bytes}: not this run's artifact")
+    sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest()
+    if art_run.artifact_sha256 is not None and sha256 != art_run.artifact_sha256:
+        raise ValueError(f"{artifact} has SHA-256 {sha256} but {art_run.path} logged "
+                         f"{art_run.artifact_sha256}: not this run's artifact")
     date = date or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     folder = Path(records_dir or REPO / "records") / f"track_{track}" / f"{date}_{name}"
     if folder.exists():
@@ -133,6 +138,7 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
                                        "artifact_bytes": (r.model_bytes or 0) + bytes_code,
                                        "log": f"train_seed{r.seed}.log"} for r in runs},
         "artifact_seed": art_run.seed,
+        "artifact_sha256": sha256,
     }
     (folder / SUBMISSION_NAME).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     plotted = plot_curves(runs, folder / "curves.png")

@@ -24,6 +24,7 @@ _STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+
 # A resumed run repeats the steps after its checkpoint in the same log: the curve keeps the last
 # value of each step (the entries logged past the checkpoint before the kill are dropped).
 _RESUME = re.compile(r"^resume:from \S+ step:(\d+)")
+_SHA256 = re.compile(r"^artifact_sha256:([0-9a-f]{64})\b")
 _CODE_MODULES = re.compile(r"^code_modules:(\S*)$")
 
 
@@ -51,6 +52,7 @@ class RunLog:
     code_modules: tuple | None = None  # the lazily imported modules its counted code bundled (repo runs)
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)  # the step of each resume:from line
+    artifact_sha256: str | None = None
 
     @property
     def seed(self) -> int:
@@ -102,6 +104,8 @@ def parse_log(path) -> RunLog:
             r.eval_mode = m.group(1)
         elif _STOP.match(line):
             r.stopped_early = True
+        elif m := _SHA256.match(line):
+            r.artifact_sha256 = m.group(1)
         elif m := _RESUME.match(line):
             n = int(m.group(1))
             r.train = [t for t in r.train if t[0] <= n]

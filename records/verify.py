@@ -16,6 +16,7 @@ Checks, each a line of the report; any failure makes the exit status non-zero:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -45,6 +46,11 @@ def build_model(model_config: dict, state: dict | None = None, source: str = "ar
 
     model = HybridGPT(ModelConfig(**model_config))
     if state is not None:
+        expected = model.state_dict()
+        wrong = [f"{k}: {v.dtype} (the model's is {expected[k].dtype})" for k, v in state.items()
+                 if k in expected and v.dtype != expected[k].dtype]
+        if wrong:  # load_state_dict would cast silently: a file that stores other values than it claims
+            raise VerifyError(f"{source}: tensor dtypes differ from the model's: {'; '.join(wrong[:5])}")
         try:
             model.load_state_dict(state, strict=True)
         except RuntimeError as exc:
@@ -79,8 +85,33 @@ def eval_config(hparams: dict, model_config: dict) -> dict:
             "mode": f"sliding_stride{stride}" if stride < seq_len else "non_overlapping"}
 
 
-def _close(a: float, b: float, rel: float) -> bool:
-    return math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+def _num(x) -> float | None:
+    """x as a float if it is a finite JSON number (not a bool, string or null), else None."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+        return None
+    return float(x)
+
+
+def _close(a, b, rel: float) -> bool:
+    a, b = _num(a), _num(b)
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=rel, abs_tol=0.0)
+
+
+def check_curve(r) -> str | None:
+    """Why a log's training curve is not one run's (None when it is): train steps strictly
+    increasing from >= 1, wallclock never decreasing, the last step within ITERATIONS."""
+    steps = [s for s, _, _ in r.train]
+    times = [t for _, _, t in r.train]
+    if not steps:
+        return "no train_loss lines"
+    if steps[0] < 1 or any(b <= a for a, b in zip(steps, steps[1:])):
+        return f"train steps are not strictly increasing from 1 ({steps[:3]}...{steps[-3:]})"
+    if any(b < a for a, b in zip(times, times[1:])):
+        return "train_time goes backwards"
+    iterations = r.hparams.get("iterations")
+    if isinstance(iterations, int) and r.steps > iterations:
+        return f"stopped at step {r.steps}, past ITERATIONS={iterations}"
+    return None
 
 
 def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | None = None,
@@ -113,9 +144,14 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
             return failures
     code, model_bytes = script.stat().st_size, artifact.stat().st_size
     total = code + model_bytes
+    sha256 = hashlib.sha256(artifact.read_bytes()).hexdigest() if model_bytes <= 4 * ARTIFACT_LIMIT else "-"
     check(total <= ARTIFACT_LIMIT, f"bytes: code {code} + model {model_bytes} = {total} <= {ARTIFACT_LIMIT}")
-    check(sub.get("bytes_code") == code, f"bytes_code: submission.json {sub.get('bytes_code')} vs file {code}")
-    check(sub.get("bytes_total") == total, f"bytes_total: submission.json {sub.get('bytes_total')} vs files {total}")
+    check(sub.get("bytes_code") == code and _num(sub.get("bytes_code")) is not None,
+          f"bytes_code: submission.json {sub.get('bytes_code')!r} vs file {code}")
+    check(sub.get("bytes_total") == total and _num(sub.get("bytes_total")) is not None,
+          f"bytes_total: submission.json {sub.get('bytes_total')!r} vs files {total}")
+    check(sub.get("artifact_sha256") == sha256,
+          f"artifact_sha256: submission.json {sub.get('artifact_sha256')!r} vs {artifact.name} {sha256}")
 
     logs = []
     for name in cfg.get("logs", []):
@@ -126,14 +162,38 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
     if not check(bool(logs), f"logs: {len(logs)} parsed ({', '.join(cfg.get('logs', [])) or 'none listed'})"):
         return failures
     for r in logs:  # the run budgeted with the code bytes it logged: the shipped file must be those bytes
-        if r.code_bytes is not None:
-            check(r.code_bytes == code, f"code_bytes: {r.path.name} logged {r.code_bytes} vs train_gpt.py {code}")
+        check(r.code_bytes == code, f"code_bytes: {r.path.name} logged {r.code_bytes} vs train_gpt.py {code}")
+        why = check_curve(r)
+        check(why is None, f"curve: {r.path.name} " + (why or f"steps 1..{r.steps}, wallclock increasing"))
+    seed = str(cfg.get("artifact_seed"))
+    art_log = next((r for r in logs if str(r.seed) == seed), logs[0])
+    # The file is the run's: its size and SHA-256 are the ones the run logged when it wrote it.
+    check(art_log.model_bytes == model_bytes and art_log.artifact_bytes == art_log.code_bytes + model_bytes,
+          f"artifact_bytes: {art_log.path.name} logged model {art_log.model_bytes} / total {art_log.artifact_bytes} "
+          f"vs files {model_bytes} / {code + model_bytes}")
+    check(art_log.artifact_sha256 == sha256,
+          f"artifact_sha256: {art_log.path.name} logged {art_log.artifact_sha256} vs {artifact.name} {sha256}")
     mean_loss = sum(r.val_loss for r in logs) / len(logs)
     mean_bpb = sum(r.val_bpb for r in logs) / len(logs)
-    check(_close(sub.get("val_bpb", math.nan), mean_bpb, rel_tol),
-          f"val_bpb: submission.json {sub.get('val_bpb')} vs mean of logs {mean_bpb:.8f}")
-    check(_close(sub.get("val_loss", math.nan), mean_loss, rel_tol),
-          f"val_loss: submission.json {sub.get('val_loss')} vs mean of logs {mean_loss:.8f}")
+    check(_close(sub.get("val_bpb"), mean_bpb, rel_tol),
+          f"val_bpb: submission.json {sub.get('val_bpb')!r} vs mean of logs {mean_bpb:.8f}")
+    check(_close(sub.get("val_loss"), mean_loss, rel_tol),
+          f"val_loss: submission.json {sub.get('val_loss')!r} vs mean of logs {mean_loss:.8f}")
+    check(sub.get("n_seeds") == len(logs), f"n_seeds: submission.json {sub.get('n_seeds')!r} vs {len(logs)} logs")
+    check(art_log.pre_val_bpb is None or _close(sub.get("pre_quant_val_bpb"), art_log.pre_val_bpb, rel_tol),
+          f"pre_quant_val_bpb: submission.json {sub.get('pre_quant_val_bpb')!r} vs {art_log.path.name} "
+          f"{art_log.pre_val_bpb}")
+    check(sub.get("step_stop") == art_log.steps and _close(sub.get("wallclock_seconds"),
+                                                              round(art_log.train_seconds, 3), rel_tol),
+          f"step_stop/wallclock_seconds: submission.json {sub.get('step_stop')!r}/{sub.get('wallclock_seconds')!r} "
+          f"vs {art_log.path.name} {art_log.steps}/{art_log.train_seconds:.3f}")
+    results = sub.get("seed_results") if isinstance(sub.get("seed_results"), dict) else {}
+    for r in logs:
+        got = results.get(str(r.seed)) if isinstance(results.get(str(r.seed)), dict) else {}
+        check(_close(got.get("val_bpb"), r.val_bpb, rel_tol) and _close(got.get("val_loss"), r.val_loss, rel_tol)
+              and (r.pre_val_bpb is None or _close(got.get("pre_quant_val_bpb"), r.pre_val_bpb, rel_tol)),
+              f"seed_results[{r.seed}]: submission.json {got.get('val_loss')!r}/{got.get('val_bpb')!r}/"
+              f"{got.get('pre_quant_val_bpb')!r} vs {r.path.name} {r.val_loss}/{r.val_bpb}/{r.pre_val_bpb}")
     if max_train_seconds is None:
         max_train_seconds = 600.0 if sub.get("track", "10min_16mb") == "10min_16mb" else 0.0
     if max_train_seconds > 0:
@@ -165,13 +225,11 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
         echo(f"note  --val-max-tokens {val_max_tokens} differs from the run's {ecfg['val_max_tokens']}: "
              f"partial evaluation, not compared with the logs")
         return failures
-    seed = str(cfg.get("artifact_seed"))
-    art_log = next((r for r in logs if str(r.seed) == seed), logs[0])
     check(_close(res.val_bpb, art_log.val_bpb, rel_tol),
           f"val_bpb: re-evaluated {res.val_bpb:.8f} vs {art_log.path.name} {art_log.val_bpb:.8f} (rel tol {rel_tol:g})")
     check(_close(res.val_loss, art_log.val_loss, rel_tol),
           f"val_loss: re-evaluated {res.val_loss:.8f} vs {art_log.path.name} {art_log.val_loss:.8f}")
-    per_seed = sub.get("seed_results", {}).get(seed, {})
-    check(_close(res.val_bpb, per_seed.get("val_bpb", math.nan), rel_tol),
+    per_seed = results.get(seed) if isinstance(results.get(seed), dict) else {}
+    check(_close(res.val_bpb, per_seed.get("val_bpb"), rel_tol),
           f"val_bpb: re-evaluated {res.val_bpb:.8f} vs submission.json seed_results[{seed}] {per_seed.get('val_bpb')}")
     return failures

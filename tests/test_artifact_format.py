@@ -339,6 +339,8 @@ FORGERIES = {
     "empty name": _set("gain", "name", ""),
     "fp32 with scale": _set("gain", "scale", [0, 2]),
     "other version": lambda h: h.update(version=3 - h["version"]),
+    "float version": lambda h: h.update(version=float(h["version"])),  # 2.0 is not the integer 2
+    "bool version": lambda h: h.update(version=True),
     "not a list": lambda h: h.update(tensors={}),
     "extra top key": lambda h: h.update(extra=1),
     "gap": lambda h, d: d + b"\x00\x00",

@@ -184,3 +184,58 @@ def test_resumed_log_keeps_the_last_value_of_each_step(tmp_path):
     assert [s for s, _, _ in r.train] == list(range(1, 9))  # no zigzag
     assert dict((s, v) for s, v, _ in r.train)[5] == 3.5  # the value logged after the resume
     assert r.val == [] and r.resumed_at == [4]
+
+
+def _fails(folder, env) -> list[str]:
+    return verify_folder(folder, env["DATA_PATH"], env["TOKENIZER_PATH"], evaluate_val=False, echo=lambda s: None)
+
+
+def test_verify_ties_the_artifact_to_the_log_and_checks_every_field(tiny_runs, tmp_path):
+    from tests.test_artifact_format import seal_v2, v2_raws
+
+    d, env = tiny_runs
+    folder = new_record("Airtight", [d / "s1.txt", d / "s2.txt"], d / "s1.ptz", date="2026-01-03", records_dir=tmp_path)
+    sub_path, art = folder / "submission.json", folder / "final_model.ptz"
+    good_sub, good_art = sub_path.read_text(), art.read_bytes()
+    sub = json.loads(good_sub)
+    assert sub["artifact_sha256"] == parse_log(d / "s1.txt").artifact_sha256
+    assert _fails(folder, env) == []
+
+    # One int6 weight moved by one step, every checksum recomputed: a well-formed artifact that is
+    # not the run's. Its SHA-256 differs from the one the run logged and submission.json carries.
+    raws = v2_raws(good_art)
+    data = bytearray(raws[1])
+    data[0] = (data[0] + 1) % 256 if data[0] < 31 or data[0] > 200 else data[0] - 1
+    art.write_bytes(seal_v2([raws[0], bytes(data), *raws[2:]]))
+    fails = _fails(folder, env)
+    assert any(f.startswith("artifact_sha256: submission.json") for f in fails)
+    assert any(f.startswith("artifact_sha256: train_seed1.log logged") for f in fails)
+    art.write_bytes(good_art)
+
+    # Malformed or wrong fields are FAIL lines, never a crash.
+    for key, value in [("val_bpb", "1.23"), ("val_bpb", None), ("val_loss", True), ("bytes_code", "12"),
+                       ("pre_quant_val_bpb", 9.0), ("step_stop", 99), ("n_seeds", 5), ("seed_results", "x")]:
+        sub_path.write_text(json.dumps(dict(sub, **{key: value})))
+        fails = _fails(folder, env)
+        assert fails and any(key.split("_")[0] in f for f in fails), (key, value, fails)
+    sub_path.write_text(good_sub)
+
+    # A log whose curve was edited (a step repeated out of order) fails its curve check.
+    log = folder / "train_seed2.log"
+    text = log.read_text()
+    log.write_text(text.replace("\nstep:3/3 train_loss", "\nstep:1/3 train_loss", 1))
+    assert any(f.startswith("curve: train_seed2.log") for f in _fails(folder, env))
+    log.write_text(text)
+    assert _fails(folder, env) == []
+
+
+def test_verify_refuses_tensors_whose_dtype_is_not_the_models(tiny_runs):
+    from records.verify import VerifyError, build_model, load_artifact_state
+
+    d, _ = tiny_runs
+    cfg = parse_log(d / "s1.txt").model_config
+    state = load_artifact_state(d / "s1.ptz", max_file_bytes=16_000_000)
+    build_model(cfg, dict(state))  # as stored: loads strictly
+    name = next(k for k, v in state.items() if v.dtype == torch.float32)
+    with pytest.raises(VerifyError, match=f"{name}: torch.bfloat16"):
+        build_model(cfg, dict(state, **{name: state[name].to(torch.bfloat16)}))
