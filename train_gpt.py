@@ -549,7 +549,11 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
     stop_after_step = step if finished else None  # a final.pt: straight to packing, no training
-    cap_flag = None  # the previous step's all-reduced cap flag (distributed runs)
+    # One clock for every rank. With a wallclock cap, time drives the LR warmdown, the weight decay
+    # it scales, the late-QAT switch and the stop; each rank's own clock would let the replicas
+    # drift apart. The schedule reads `clock_ms`: the slowest rank's training time at the end of the
+    # previous step, all-reduced (MAX) without a host sync and read one step late (LaggedValue).
+    clock_ms, pending_clock = train_ms, None
     sync()
     t0 = time.perf_counter()
     while True:
@@ -568,8 +572,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             if stop_after_step is not None and step < h.iterations and not finished:
                 log(f"stopping_early: wallclock_cap train_time:{train_ms:.0f}ms step:{step}/{h.iterations}")
             break
-        elapsed_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        scale = lr_scale(step, elapsed_ms, h.iterations, h.warmdown_iters, max_ms)
+        scale = lr_scale(step, clock_ms, h.iterations, h.warmdown_iters, max_ms)
         if not qat_on and qat_should_enable(scale, h.late_qat_threshold):
             n = set_qat(model, True, precision_fn)
             qat_on = True
@@ -583,7 +586,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         log_now = h.train_log_every > 0 and (step <= 10 or step % h.train_log_every == 0)
         checkpoint_now = h.checkpoint_every > 0 and step % h.checkpoint_every == 0
         if not use_cuda or log_now or checkpoint_now:  # on GPUs read the flag only where we sync anyway
-            check_finite(bad_step, last_checkpoint)
+            check_finite(bad_step, last_checkpoint, rt.distributed)
         if log_now:
             if rt.distributed:  # the logged loss is the global batch's mean, whatever the world size
                 loss = loss.clone()
@@ -602,19 +605,21 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             sync()
             t0 = time.perf_counter()
         approx_ms = train_ms + 1000.0 * (time.perf_counter() - t0)
-        reached = max_ms > 0 and approx_ms >= max_ms
         if rt.distributed and max_ms > 0:
-            # Every rank must stop at the same step, so the ranks agree on the flag; reading this
-            # step's all-reduce at once would stall the host until the GPU drains its queue. The flag
-            # is read one step late instead: by then its all-reduce has long finished, the queue stays
-            # full, and all ranks still stop at the same step (one step past the cap at most).
-            flag = torch.tensor(int(reached), device=device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            reached = cap_flag.read() if cap_flag is not None else False
-            cap_flag = LaggedFlag(flag)
-        if reached and stop_after_step is None:
-            stop_after_step = step
-    check_finite(bad_step, last_checkpoint)
+            # torch.full writes the value with a fill kernel (a launch argument, no host-to-device
+            # copy, so no stream sync); reading this step's all-reduce at once would stall the host
+            # until the GPU drains its queue, so it is read one step late, when it has long finished.
+            mine = torch.full((), approx_ms, dtype=torch.float64, device=device)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            if pending_clock is not None:
+                clock_ms = pending_clock.read()
+            pending_clock = LaggedValue(mine)
+        else:
+            clock_ms = approx_ms
+        if max_ms > 0 and clock_ms >= max_ms and stop_after_step is None:
+            stop_after_step = step  # the same step on every rank (one step past the cap at most)
+    check_finite(bad_step, last_checkpoint, rt.distributed)
+    check_replicas(model, rt, log)
     if use_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
@@ -631,26 +636,52 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         raise
 
 
-class LaggedFlag:
-    """A device flag copied to the host without blocking; `read()` waits only for the work queued
+class LaggedValue:
+    """A device scalar copied to the host without blocking; `read()` waits only for the work queued
     before the copy (a CUDA event), not for everything queued since, as `.item()` would."""
 
-    def __init__(self, flag: torch.Tensor):
-        if flag.is_cuda:
-            self.host = torch.empty(flag.shape, dtype=flag.dtype, pin_memory=True)
-            self.host.copy_(flag, non_blocking=True)
+    def __init__(self, value: torch.Tensor):
+        if value.is_cuda:
+            self.host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
+            self.host.copy_(value, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:
-            self.host, self.event = flag, None
+            self.host, self.event = value, None
 
-    def read(self) -> bool:
+    def read(self) -> float:
         if self.event is not None:
             self.event.synchronize()
-        return bool(self.host.item())
+        return self.host.item()
 
 
-def check_finite(bad_step: torch.Tensor, last_checkpoint) -> None:
+def check_replicas(model: torch.nn.Module, rt: Runtime, log) -> None:
+    """After training, every rank's weights must be bit for bit rank 0's (DDP averages the same
+    gradients and the schedule reads one shared clock): a SHA-256 of each rank's parameters is
+    gathered and compared; rank 0 logs `replicas:identical` or raises naming the ranks that differ."""
+    if not rt.distributed:
+        return
+    digest = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(p.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    mine = torch.tensor(list(digest.digest()[:16]), dtype=torch.uint8, device=rt.device)
+    every = [torch.empty_like(mine) for _ in range(rt.world_size)]
+    dist.all_gather(every, mine)
+    differ = [r for r, d in enumerate(every) if not torch.equal(d, every[0])]
+    if differ:
+        raise RuntimeError(f"replicas diverged: the weights of rank(s) {differ} differ from rank 0's after training")
+    log(f"replicas:identical world_size:{rt.world_size}")
+
+
+def check_finite(bad_step: torch.Tensor, last_checkpoint, distributed: bool = False) -> None:
+    """Raise NonFiniteLoss if any rank has seen a non-finite loss. The ranks agree first (MIN of
+    their first bad step), so all of them stop at the same step with the same message instead of
+    one raising while the others wait in the next collective until the NCCL timeout."""
+    if distributed:
+        agreed = torch.where(bad_step < 0, torch.full_like(bad_step, 2**62), bad_step)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        bad_step = torch.where(agreed == 2**62, torch.full_like(agreed, -1), agreed)
     s = int(bad_step.item())
     if s >= 0:
         where = (f"the last good checkpoint is {last_checkpoint}; resume with RESUME={last_checkpoint}"
@@ -738,10 +769,12 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
         else:
             blob = pack_model(model.state_dict(), precision_fn, **pack)
         write_artifact(artifact_path, blob)
-    rt.barrier()
-    blob = read_artifact(artifact_path)
+        blob = read_artifact(artifact_path)  # what is on disk is what gets scored
+    # Rank 0 sends the file's bytes to every rank: on several nodes without a shared filesystem the
+    # other ranks could not read the path rank 0 wrote.
+    blob = share_from_rank0(blob if rt.is_main else None, rt)
     used = blob_compressor(blob)
-    report = BudgetReport(code_bytes=code, model_bytes=artifact_path.stat().st_size)
+    report = BudgetReport(code_bytes=code, model_bytes=len(blob))
     for line in report.lines():
         log(line)
     log(f"artifact_sha256:{hashlib.sha256(blob).hexdigest()} path:{artifact_path}")  # ties the file to this log
@@ -769,6 +802,18 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
         log(f"quant_gap_bpb:{post.val_bpb - results['prequant'].val_bpb:+.6f}")
     results.update(roundtrip=post, report=report, artifact=str(artifact_path), compressor=used)
     return results
+
+
+def share_from_rank0(blob: bytes | None, rt: Runtime) -> bytes:
+    """Rank 0's bytes on every rank (a length, then a uint8 tensor broadcast on the run's device)."""
+    if not rt.distributed:
+        return blob
+    n = torch.tensor([len(blob) if rt.is_main else 0], dtype=torch.int64, device=rt.device)
+    dist.broadcast(n, src=0)
+    buf = (torch.frombuffer(bytearray(blob), dtype=torch.uint8).to(rt.device) if rt.is_main
+           else torch.empty(int(n.item()), dtype=torch.uint8, device=rt.device))
+    dist.broadcast(buf, src=0)
+    return blob if rt.is_main else buf.cpu().numpy().tobytes()
 
 
 def gptq_export(h, model, precision_fn, log, hessian_diag: dict | None = None) -> dict:

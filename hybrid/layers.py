@@ -251,7 +251,9 @@ class CausalAttention(nn.Module):
         k = F.rms_norm(k, (D,), weight=None if self.k_norm_gain is None else self.k_norm_gain.to(k.dtype))
         q, k = self.rotary(q), self.rotary(k)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        # One dtype for the kernel even if an autocast policy ever runs the norm in fp32 (no-op today).
+        # Not a no-op under CUDA autocast: rms_norm is on autocast's fp32 list, so q and k leave the
+        # norms (and the fp32 rotary tables and gain) in fp32 while v is bf16. Flex/SDPA need one
+        # dtype, and bf16 is the fast one: this cast is what keeps the attention kernel in bf16.
         q, k = q.to(v.dtype), k.to(v.dtype)
         y = attention(q, k, v, self.window)  # (B, T, H, D)
         if self.xsa:

@@ -18,21 +18,21 @@ ROUNDTRIP = re.compile(r"^final_int\d+_\w+_roundtrip_exact val_loss:([0-9.]+) va
 PREQUANT = re.compile(r"^final_prequant .*?val_bpb:([0-9.]+)", re.M)
 
 
-def run_trainer(tmp_path: Path, run_id: str, extra_env: dict, nproc: int = 1, check: bool = True):
+def run_trainer(tmp_path: Path, run_id: str, extra_env: dict, nproc: int = 1, check: bool = True,
+                script: str = "train_gpt.py", log_dir: Path | None = None):
     env = dict(os.environ)
     env.update({"PRESET": "tiny", "RUN_ID": run_id, "LOG_DIR": str(tmp_path / "logs"),
                 "CHECKPOINT_DIR": str(tmp_path / "ckpt" / run_id), "OMP_NUM_THREADS": "1" if nproc > 1 else "2",
                 "TRAIN_LOG_EVERY": "1"})
     env.update({k: str(v) for k, v in extra_env.items()})
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "train_gpt.py"]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", script]
     else:
-        cmd = [sys.executable, "train_gpt.py"]
+        cmd = [sys.executable, script]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"trainer failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    log_path = tmp_path / "logs" / f"{run_id}.txt"
+    log_path = (log_dir or tmp_path / "logs") / f"{run_id}.txt"
     return proc, (log_path.read_text() if log_path.exists() else "")
 
 
@@ -110,6 +110,35 @@ def test_two_processes_agree_on_the_wallclock_cap(tmp_path, sample_corpus):
     m = re.search(r"stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+)/", log)
     assert m, log[-2000:]
     assert int(m.group(2)) >= 1 and ROUNDTRIP.search(log)
+
+
+def test_replicas_stay_identical_under_a_clock_skew(tmp_path, sample_corpus):
+    """Rank 1's clock runs 3x fast: with one shared clock (the slowest rank's time, all-reduced) the
+    time-driven warmdown, QAT switch and stop are the same on both ranks, and their weights are bit
+    for bit equal at the end (checked by the trainer: `replicas:identical`)."""
+    env = {"ITERATIONS": 100000, "MAX_WALLCLOCK_SECONDS": 3, "WARMDOWN_ITERS": 6, "LATE_QAT_THRESHOLD": 0.5,
+           "EVAL_PREQUANT": 0, "VAL_MAX_TOKENS": 4096, "FAULT": "skew", "FAULT_SKEW": 3}
+    proc, log = run_trainer(tmp_path, "skew", env, nproc=2, script="tests/fault_run.py")
+    assert re.search(r"^replicas:identical world_size:2$", log, re.M), log[-2000:]
+    assert re.search(r"^stopping_early: wallclock_cap", log, re.M) and re.search(r"^late_qat:enabled", log, re.M)
+    assert ROUNDTRIP.search(log)
+
+
+def test_a_nan_on_one_rank_stops_both_at_the_same_step(tmp_path, sample_corpus):
+    env = {"ITERATIONS": 8, "WARMDOWN_ITERS": 2, "TRAIN_LOG_EVERY": 0, "FAULT": "nan", "FAULT_STEP": 3}
+    proc, _ = run_trainer(tmp_path, "nan1", env, nproc=2, check=False, script="tests/fault_run.py")
+    assert proc.returncode != 0
+    messages = re.findall(r"error: non-finite train loss \(nan/inf\) at step (\d+)", proc.stderr)
+    assert messages == ["3", "3"], proc.stderr[-3000:]  # both ranks, the same step, no NCCL-style hang
+
+
+def test_ranks_without_a_shared_filesystem_finish_the_round_trip(tmp_path, sample_corpus):
+    env = {"ITERATIONS": 4, "WARMDOWN_ITERS": 2, "EVAL_PREQUANT": 0, "VAL_MAX_TOKENS": 4096, "FAULT": "own_logs"}
+    proc, log = run_trainer(tmp_path, "apart", env, nproc=2, script="tests/fault_run.py",
+                            log_dir=tmp_path / "logs" / "rank0")
+    assert ROUNDTRIP.search(log), log[-2000:]
+    assert (tmp_path / "logs" / "rank0" / "apart.ptz").is_file()
+    assert not (tmp_path / "logs" / "rank1" / "apart.ptz").exists()  # rank 1 never saw the file
 
 
 def test_rwkv7_run_with_stateful_evaluation(tmp_path, sample_corpus):
