@@ -37,7 +37,8 @@ than columns are rounded to nearest on the same grid instead, and the returned i
 why. So run the Hessian pass in fp32 (no autocast): every module is then called.
 
 Calibration (rec:2026-03-25: 64 sequences x 2048 tokens at temperature 0.8): the model samples its
-own text, so no training or validation data is read at export.
+own text, so no training or validation data is read at export. Each prefix runs zero-padded to a
+power-of-two length (`calibration_bucket`), so a compiled forward sees O(log T) shapes, not T.
 """
 from __future__ import annotations
 
@@ -154,16 +155,35 @@ def _device_of(model, device) -> torch.device:
     return torch.device("cpu")
 
 
+def calibration_bucket(length: int, cap: int) -> int:
+    """The forward length for a prefix of `length` tokens: the smallest power of two >= length,
+    capped at `cap` (the longest prefix window). Every prefix then runs in one of at most
+    ceil(log2(cap)) + 1 shapes, for at most 2x the exact work (about 4/3 of it summed over a sequence)."""
+    if not 1 <= length <= cap:
+        raise ValueError(f"prefix length {length} outside [1, {cap}]")
+    return min(1 << (length - 1).bit_length(), cap)
+
+
 @torch.no_grad()
 def generate_calibration(model, num_seqs: int = 16, seq_len: int = 512, temperature: float = 0.8,
                          seed: int = 0, bos_id: int | None = None, batch_size: int = 16,
                          max_context: int | None = None, device=None) -> Tensor:
     """[num_seqs, seq_len] int64 tokens sampled from the model itself (rec:2026-03-25), on `device`
     (default: the model's). `model`: a module with `forward_logits` ([B, T] int64 -> [B, T, V]), or
-    such a callable. Each sequence starts with `bos_id` (None: a uniform random token); token t is
-    drawn from softmax(logits / temperature) of the prefix (temperature 0: argmax), recomputing the
-    whole prefix (no KV cache), or only its last `max_context` tokens, which bounds the O(T²) cost.
+    such a callable; it must be causal (logits at t independent of the tokens after t). Each sequence
+    starts with `bos_id` (None: a uniform random token); token t is drawn from softmax(logits /
+    temperature) of the prefix (temperature 0: argmax), recomputing the whole prefix (no KV cache),
+    or only its last `max_context` tokens, which bounds the O(T²) cost.
     The same seed gives the same tokens on the same device.
+
+    Bounded shapes: a compiled forward (torch.compile(dynamic=False), or the eager model's compiled
+    flex attention past the window) compiles once per input shape, so the model never sees one
+    shape per prefix length. The prefix of L tokens runs zero-padded at its tail to
+    `calibration_bucket(L, cap)` tokens (cap = min(seq_len, max_context)) and its logits are read at
+    position L - 1, exact for a causal model; a last batch with fewer than min(batch_size,
+    num_seqs) sequences is padded with zero rows that are dropped before sampling. So the model sees
+    only [min(batch_size, num_seqs), bucket] inputs, at most ceil(log2(cap)) + 1 shapes, and the
+    random draws (hence the tokens, up to the rounding of the longer forwards) are the unpadded ones.
     """
     if num_seqs < 1 or seq_len < 1 or batch_size < 1 or temperature < 0:
         raise ValueError("num_seqs, seq_len and batch_size must be >= 1 and temperature >= 0")
@@ -173,22 +193,31 @@ def generate_calibration(model, num_seqs: int = 16, seq_len: int = 512, temperat
     logits_fn = _logits_fn(model)
     gen = torch.Generator(device=dev).manual_seed(seed)
     out = torch.empty(num_seqs, seq_len, dtype=torch.int64, device=dev)
+    rows = min(batch_size, num_seqs)  # every forward's batch
+    cap = seq_len if max_context is None else min(seq_len, max_context)
     with _eval_mode(model):
-        vocab = None if bos_id is not None else logits_fn(torch.zeros(1, 1, dtype=torch.int64, device=dev)).shape[-1]
+        # zeros: the padding is any valid id (never read back for a causal model)
+        vocab = None if bos_id is not None else logits_fn(
+            torch.zeros(rows, calibration_bucket(1, cap), dtype=torch.int64, device=dev)).shape[-1]
         for b0 in range(0, num_seqs, batch_size):
-            x = out[b0:b0 + batch_size]
+            n = min(batch_size, num_seqs - b0)
+            buf = torch.zeros(rows, seq_len, dtype=torch.int64, device=dev)
+            x = buf[:n]
             if bos_id is None:
-                x[:, 0] = torch.randint(vocab, (x.shape[0],), generator=gen, device=dev)
+                x[:, 0] = torch.randint(vocab, (n,), generator=gen, device=dev)
             else:
                 x[:, 0] = bos_id
             for t in range(1, seq_len):
                 lo = 0 if max_context is None else max(0, t - max_context)
-                logits = logits_fn(x[:, lo:t])[:, -1].float()
+                length = t - lo
+                ids = buf[:, lo:lo + calibration_bucket(length, cap)].contiguous()
+                logits = logits_fn(ids)[:n, length - 1].float()
                 if temperature == 0:
                     x[:, t] = logits.argmax(dim=-1)
                 else:
                     probs = torch.softmax(logits / temperature, dim=-1)
                     x[:, t] = torch.multinomial(probs, 1, generator=gen)[:, 0]
+            out[b0:b0 + n] = x
     return out
 
 

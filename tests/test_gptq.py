@@ -174,6 +174,110 @@ def test_generate_calibration_on_hybrid_is_seeded():
     assert model.training  # eval mode during generation only
 
 
+@torch.no_grad()
+def generate_calibration_reference(model, num_seqs, seq_len, temperature=0.8, seed=0, bos_id=None,
+                                   batch_size=16, max_context=None):
+    """generate_calibration before bucketing (kept verbatim in substance): one forward per exact
+    prefix x[:, lo:t], the logits of its last position, the last batch unpadded."""
+    logits_fn = model.forward_logits if hasattr(model, "forward_logits") else model
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.empty(num_seqs, seq_len, dtype=torch.int64)
+    was = model.training
+    model.eval()
+    vocab = None if bos_id is not None else logits_fn(torch.zeros(1, 1, dtype=torch.int64)).shape[-1]
+    for b0 in range(0, num_seqs, batch_size):
+        x = out[b0:b0 + batch_size]
+        if bos_id is None:
+            x[:, 0] = torch.randint(vocab, (x.shape[0],), generator=gen)
+        else:
+            x[:, 0] = bos_id
+        for t in range(1, seq_len):
+            lo = 0 if max_context is None else max(0, t - max_context)
+            logits = logits_fn(x[:, lo:t])[:, -1].float()
+            if temperature == 0:
+                x[:, t] = logits.argmax(dim=-1)
+            else:
+                x[:, t] = torch.multinomial(torch.softmax(logits / temperature, dim=-1), 1, generator=gen)[:, 0]
+    model.train(was)
+    return out
+
+
+def windowed_tiny_model(seed: int = 0):
+    """T, W (window 5: prefixes past it take the band-masked path) and F layers, BigramHash and
+    SmearGate on: every causal path of the hybrid."""
+    from hybrid.config import ModelConfig
+    from hybrid.model import HybridGPT
+
+    cfg = ModelConfig(vocab_size=48, num_layers=3, model_dim=64, num_heads=2, num_kv_heads=1,
+                      layer_pattern="TWF", attn_window=5, mlp_mult=2.0, bigram_buckets=32, ve_layers="none")
+    torch.manual_seed(seed)
+    return randomize_(HybridGPT(cfg), std=0.1, seed=seed)
+
+
+class ShapeRecorder(torch.nn.Module):
+    """Forwards `forward_logits` to the wrapped model, recording every input shape."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+        self.shapes: list[tuple[int, ...]] = []
+
+    def forward_logits(self, ids):
+        self.shapes.append(tuple(ids.shape))
+        return self.inner.forward_logits(ids)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(num_seqs=5, seq_len=23, batch_size=2, seed=3),                      # partial last batch, random first token
+    dict(num_seqs=4, seq_len=20, batch_size=4, seed=1, bos_id=1, max_context=9),
+    dict(num_seqs=3, seq_len=17, batch_size=8, seed=2, bos_id=2, temperature=0.0),
+])
+def test_bucketed_generation_draws_the_reference_tokens(kw):
+    """Padding the prefix to its bucket and the batch to its full size consumes the same random draws
+    and gives the same tokens as one exact-length forward per prefix."""
+    model = windowed_tiny_model()
+    new = generate_calibration(model, **kw)
+    ref = generate_calibration_reference(model, **kw)
+    assert torch.equal(new, ref)
+    # the model's own tokens, not a degenerate constant: many distinct ids were drawn
+    assert len(set(new.flatten().tolist())) > 10 or kw.get("temperature") == 0.0
+
+
+def test_generation_runs_a_bounded_set_of_shapes():
+    """A compiled forward recompiles per input shape: calibration must use O(log seq_len) shapes
+    (here ceil(log2(seq_len)) + 1, powers of two then seq_len), whatever seq_len and the batch split."""
+    counts = {}
+    for seq_len in (24, 64):
+        rec = ShapeRecorder(windowed_tiny_model())
+        generate_calibration(rec, num_seqs=5, seq_len=seq_len, batch_size=2, seed=0)  # 3 batches, last of 1
+        shapes = set(rec.shapes)
+        bound = (seq_len - 1).bit_length() + 1
+        assert len(shapes) <= bound, sorted(shapes)
+        assert {b for b, _ in shapes} == {2}  # the partial last batch is padded, not a new shape
+        assert {t for _, t in shapes} <= {1 << k for k in range(seq_len.bit_length())} | {seq_len}
+        counts[seq_len] = len(shapes)
+        # the old algorithm: one shape per prefix length (and per partial batch)
+        old = ShapeRecorder(rec.inner)
+        generate_calibration_reference(old, num_seqs=5, seq_len=seq_len, batch_size=2, seed=0)
+        assert len(set(old.shapes)) >= seq_len - 1
+    assert counts == {24: 6, 64: 7}
+    rec = ShapeRecorder(windowed_tiny_model())  # a sliding context: its cap is one more shape at most
+    generate_calibration(rec, num_seqs=2, seq_len=40, batch_size=2, bos_id=1, max_context=12)
+    assert set(rec.shapes) == {(2, 1), (2, 2), (2, 4), (2, 8), (2, 12)}
+
+
+def test_hessian_pass_runs_full_sequences():
+    """collect_hessians feeds whole calibration rows: one [batch, T] shape, plus a smaller last batch
+    only when the batch size does not divide the sequence count."""
+    model = windowed_tiny_model()
+    calib = generate_calibration(model, num_seqs=6, seq_len=16, seed=0, batch_size=6)
+    lin = model.blocks[0].mlp.fc
+    for batch, expect in ((3, {(3, 16)}), (4, {(4, 16), (2, 16)})):
+        rec = ShapeRecorder(model)
+        collect_hessians(rec, calib, {"fc.weight": lin}, batch_size=batch)
+        assert set(rec.shapes) == expect
+
+
 # ----------------------------------------------------------------------------- whole model
 
 def test_gptq_quantize_tiny_hybrid_beats_rtn():
