@@ -162,7 +162,7 @@ class Hyperparameters:
     muon_backend_steps: int = field(default=5, metadata={"help": "Newton–Schulz iterations"})
     muon_wd: float = field(default=0.04, metadata={"help": "Muon decoupled weight decay"})
     rwkv_lora_lr: float = field(default=0.0, metadata={"help": "Adam lr of the RWKV-7 LoRA factors (0 = SCALAR_LR); "
-                                                             "ARCHS.md §1.7's run used 2.56e-3"})
+                                                             "modded-nanogpt-rwkv used 2.56e-3"})
     adam_wd: float = field(default=0.04, metadata={"help": "AdamW decoupled weight decay"})
     beta1: float = field(default=0.9, metadata={"help": "Adam beta1"})
     beta2: float = field(default=0.95, metadata={"help": "Adam beta2"})
@@ -177,7 +177,7 @@ class Hyperparameters:
     compressor: str = field(default="zlib", metadata={"help": "zlib | zstd | lzma | brotli | auto (smallest)"})
     bitpack: int = field(default=0, metadata={"help": "store int values bit-packed instead of one per byte"})
     mlp_bits: int = field(default=0, metadata={"help": "integer bits of MLP/expert matrices (0 = MATRIX_BITS; "
-                                                        "int5 MLP: TECHNIQUES.md §2.12)"})
+                                                        "int5 MLP: golf PR #180)"})
     attn_bits: int = field(default=0, metadata={"help": "integer bits of attention and mixer matrices (0 = MATRIX_BITS)"})
     quant_clip: str = field(default="sdclip", metadata={"help": "row scale: sdclip (k·std(row), rec:2026-04-05; "
                                                                 "larger k = smaller file) | mse (clip search)"})
@@ -227,7 +227,7 @@ def _unset(value) -> bool:
 _MEASURED_EXPORT = dict(train_seq_len=1024, train_batch_tokens=524288, quant_clip="mse", gptq=0)
 ARCH_TRAIN_DEFAULTS = {
     "hybrid": {},
-    # ARCHS.md §1.7's run kept the LoRAs at Adam 2.56e-3; on the CPU smoke preset (80 steps) that
+    # The modded-nanogpt-rwkv record kept the LoRAs at Adam 2.56e-3; on the CPU smoke preset (80 steps) that
     # gave round-trip val_bpb 2.0621 against 2.0826 at SCALAR_LR (docs/PERF.md).
     "rwkv7": dict(rwkv_lora_lr=0.00256, **_MEASURED_EXPORT),
     "moe": dict(_MEASURED_EXPORT),

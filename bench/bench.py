@@ -6,7 +6,7 @@
   python -m bench.bench --device cuda --skip-quality  # GPU timing only: full-size configs, compiled
   python -m bench.bench --threads 1 ...               # a shared CPU: two OpenMP threads thrash under load
 
-Architectures. Controls, always run: "gpt" = the challenge's naive baseline exactly (GOLF.md §3.3:
+Architectures. Controls, always run: "gpt" = the challenge's naive baseline exactly (rec:2026-03-17_NaiveBaseline:
 9 layers, relu², MLP 2x, 17,059,912 params at full size) and "dense11" = the same with 11 full-
 attention layers (the dense 11-layer 512-wide control of the issue's step-time target). Variants:
 "hybrid" (default), "rwkv7", "moe" (`--archs`). Every arch gets the same batch of B×T tokens.

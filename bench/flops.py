@@ -22,7 +22,7 @@ throws away (the masked half of a causal score matrix). Per token and per layer,
             (T+1)/2 for full causal attention, mean_t min(t+1, w) for a window of w (the query and
             the w−1 before it, hybrid/attention.py). GQA does not reduce it.
   wkv       8·N·C per R layer (N = rwkv_head_size, H = C/N heads): per head and token the recurrence
-            S_t = S_{t-1}·diag(d) + (S_{t-1}a)bᵀ + v kᵀ,  y = S_t r  (ARCHS.md §1.3) does two
+            S_t = S_{t-1}·diag(d) + (S_{t-1}a)bᵀ + v kᵀ,  y = S_t r  (RWKV-7, arXiv:2503.14456) does two
             matrix-vector products (S·a, S·r) and two rank-1 updates, 2·N² each. The decay product
             is element-wise (not counted). The chunked PyTorch form does more work than this; the
             model count is the recurrence's.

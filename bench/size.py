@@ -16,7 +16,7 @@ packs them exactly as the trainer does. Two tables:
    length over the first N validation tokens of the run's data). Policies:
      int<b>        every block matrix at b bits (the run's embedding bits)
      int5mlp       MLP/expert matrices at int5, attention and mixers at the run's matrix bits
-     sdclip<k>     row scale k·std(row) instead of the clip search (TECHNIQUES.md §2.11)
+     sdclip<k>     row scale k·std(row) instead of the clip search (SDClip, rec:2026-04-05)
      gptq          full-Hessian GPTQ on self-generated calibration (`--gptq-seqs`, `--gptq-seq-len`)
    and combinations joined by "+", e.g. "int5mlp+sdclip12.85+gptq".
 """

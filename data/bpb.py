@@ -1,7 +1,8 @@
 """Bits-per-byte bookkeeping: how many UTF-8 bytes each predicted token stands for.
 
 The challenge scores val_bpb = (sum of CE nats) / (ln 2 * sum of bytes), where the
-bytes are counted from SentencePiece pieces, not from the raw text (GOLF.md §2.1):
+bytes are counted from SentencePiece pieces, not from the raw text (the baseline's
+build_sentencepiece_luts; docs/TECHNIQUES.md, "Metric: val_bpb"):
 
 - control / unknown / unused ids (pad, BOS, EOS, UNK) are 0 bytes and act as
   document boundaries;

@@ -1,6 +1,7 @@
 """Tokenize your own text into challenge-format shards (the exporter, for local corpora).
 
-Mirrors the challenge exporter (GOLF.md §1.3, §1.7): a SentencePiece BPE with the
+Mirrors the challenge exporter (openai/parameter-golf `data/download_hf_docs_and_tokenize.py`;
+docs/TECHNIQUES.md, "Shard format and tokenizer"): a SentencePiece BPE with the
 challenge's trainer settings (or an existing model), each document encoded as
 [BOS] + tokens with no EOS, the first --val-docs documents written to
 `fineweb_val_*.bin` and the rest to `fineweb_train_*.bin`, shards flushed every

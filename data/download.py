@@ -1,6 +1,7 @@
 """Download the challenge's pre-tokenized FineWeb shards and tokenizer from Hugging Face.
 
-Reproduces openai/parameter-golf `data/cached_challenge_fineweb.py` (GOLF.md §1.6):
+Reproduces openai/parameter-golf `data/cached_challenge_fineweb.py` (docs/TECHNIQUES.md, "Shard
+format and tokenizer"):
 reads `<prefix>/manifest.json` from the dataset repo, finds the dataset
 `fineweb10B_<variant>` and its tokenizer, then fetches every validation shard,
 the first N training shards and the tokenizer files into

@@ -37,8 +37,9 @@ class DistributedTokenLoader:
         self.seed = int(seed)
         self.vocab_size = vocab_size  # token ids are checked against it as each shard is opened
         paths = list_shards(self.pattern)
-        # Seed 0 keeps the export's order, which is itself a frozen shuffle
-        # (GOLF.md §1.5), so fewer shards means a prefix of the same stream.
+        # Seed 0 keeps the export's order, which is itself a frozen shuffle (the challenge's
+        # data/README.md; docs/TECHNIQUES.md, "Shard format and tokenizer"), so fewer shards means a
+        # prefix of the same stream.
         if self.seed == 0:
             order = np.arange(len(paths))
         else:

@@ -165,8 +165,8 @@ def load_validation_tokens(pattern, seq_len: int, max_tokens: int = 0, vocab_siz
 
     Optionally cut to the first `max_tokens` tokens, then truncated to
     ((N - 1) // seq_len) * seq_len + 1 so the stream splits into whole windows of
-    `seq_len` inputs, each with its next-token target (GOLF.md §2.3). With `vocab_size`, every
-    token id is checked (`check_token_ids`).
+    `seq_len` inputs, each with its next-token target (the baseline's load_validation_tokens). With
+    `vocab_size`, every token id is checked (`check_token_ids`).
     """
     if seq_len <= 0:
         raise ValueError(f"seq_len must be positive, got {seq_len}")

@@ -6,9 +6,9 @@ The softmax scale is 1/sqrt(D).
 
 Window convention: with window w the query at position t attends to keys j with t - w < j <= t,
 i.e. exactly the last w positions including itself (w = 1: only itself). `window=None`, or any
-w >= T, is plain causal attention. Note the off-by-one against the published hybrid (TECHNIQUES.md
-§1.4): FA3's window_size=(128, 128) lets a query see itself plus 128 earlier tokens (129 keys);
-our attn_window=128 sees 128.
+w >= T, is plain causal attention. Note the off-by-one against the published hybrid (golf PR #1007 /
+#1112; docs/TECHNIQUES.md, "Windowed attention"): FA3's window_size=(128, 128) lets a query see itself
+plus 128 earlier tokens (129 keys); our attn_window=128 sees 128.
 
 `attention_ref` is the spec (dense masked softmax, float32 or wider); `attention` is what the model
 calls: SDPA for full causal, flex_attention with a block-sparse sliding-window mask on CUDA (blocks

@@ -1,16 +1,17 @@
 """Model configuration: one dataclass, the layer-pattern grammar, and the two named architectures.
 
-`ModelConfig()` is the project's hybrid (token-shift + short-window attention, TECHNIQUES.md §1);
-`ModelConfig(**ARCH_DEFAULTS["gpt"])` is the challenge's naive baseline (GOLF.md §3.3), which must
-have exactly 17,059,912 parameters. Every field is validated on construction (`__post_init__`), so a
+`ModelConfig()` is the project's hybrid (token-shift + short-window attention after golf PR #1007/#1112;
+docs/TECHNIQUES.md, "Layer pattern and the published hybrid"); `ModelConfig(**ARCH_DEFAULTS["gpt"])` is
+the challenge's naive baseline (rec:2026-03-17_NaiveBaseline), which must have exactly 17,059,912
+parameters. Every field is validated on construction (`__post_init__`), so a
 bad env override fails before any tensor is allocated, with a message that names the field.
 
 Layer pattern: one letter per layer, written out at full length (no tiling), e.g. "TTTWTTWTTWTF".
 The letter picks the block's sequence mixer:
-  T  token-shift mixer (one-token lookback, no attention)       TECHNIQUES.md §1.4
+  T  token-shift mixer (one-token lookback, no attention)       docs/TECHNIQUES.md "Token-shift mixer"
   W  causal attention over a sliding window of `attn_window` tokens (the query and the w-1 before it)
   F  full causal attention
-  R  RWKV-7 time-mix (hybrid/rwkv7.py; ARCHS.md §1); the first R layer makes the value residual
+  R  RWKV-7 time-mix (hybrid/rwkv7.py; docs/TECHNIQUES.md "RWKV-7"); the first R layer makes the value residual
      v_first that every later R layer mixes in
 The T mixer itself is `token_mix`: "shift" (TokenShiftMix, the default) or one of the stronger
 variants of hybrid/token_mix.py (ddlerp, conv, shiftk, shift_silu_gate; K = token_mix_kernel).
@@ -327,7 +328,8 @@ class ModelConfig:
 
 
 _GPT_OVERRIDES = {
-    # GOLF.md §3.3: 9 x (512 wide, 8/4 heads, relu^2 MLP 2x), full RoPE, U-Net skips, default init.
+    # The baseline (rec:2026-03-17_NaiveBaseline): 9 x (512 wide, 8/4 heads, relu^2 MLP 2x), full RoPE,
+    # U-Net skips, default init.
     "num_layers": 9,
     "mlp_mult": 2.0,
     "mlp_act": "relu2",
@@ -358,15 +360,15 @@ _RWKV7_OVERRIDES = {
     "unet_skips": False,
 }
 
-# `--arch moe` = MOE_PRESETS["golf"]'s FFNs (hybrid/moe_presets.py: dense leaky-relu² 3x in layer 0;
-# one shared expert of 256 + 4 routed experts of 192, top-1, sigmoid router with bias balancing, aux
-# 1e-4 per sequence, z-loss 1e-3, in layers 1-10) on the hybrid's mixers: token shift with windowed
-# attention every third layer and full attention last, "TTTWTTWTTWF" (TECHNIQUES.md §1's rhythm at 11
+# `--arch moe` = MOE_PRESETS["golf"]'s FFNs (hybrid/moe_presets.py: dense leaky-relu² 3x in layer 0; one
+# shared expert of 256 + 4 routed experts of 192, top-1, sigmoid router with bias balancing, aux 1e-4 per
+# sequence, z-loss 1e-3, in layers 1-10) on the hybrid's mixers: token shift with windowed attention every
+# third layer and full attention last, "TTTWTTWTTWF" (the published hybrid's rhythm, golf PR #1007, at 11
 # layers), smear and XSA on the 4 attention layers. Pattern "Tttwttwttwf": 21,284,896 params, 15,386,656
-# active per token. Sized by a measured pack, not an estimate: after 60 CPU training steps the int6
-# zlib artifact was 15,235,774 + 71,084 code = 15,306,858 bytes (docs/PERF.md); the first draft (routed
-# 256, shared 384: 25.2M params) would have been ≈ 17.9 MB at the measured ~0.71 byte/param. BigramHash
-# and VE are off for the same reason. Written out like _RWKV7_OVERRIDES (same test).
+# active per token. Sized by a measured pack, not an estimate: after 60 CPU training steps the int6 zlib
+# artifact was 15,235,774 + 71,084 code = 15,306,858 bytes (docs/PERF.md); the first draft (routed 256, shared
+# 384: 25.2M params) would have been ≈ 17.9 MB at the measured ~0.71 byte/param. BigramHash and VE are off for
+# the same reason. Written out like _RWKV7_OVERRIDES (same test).
 _MOE_OVERRIDES = {
     "vocab_size": 1024, "num_layers": 11, "model_dim": 512, "num_heads": 8, "num_kv_heads": 4,
     "layer_pattern": "Tttwttwttwf", "mlp_mult": 3.0, "mlp_act": "leaky_relu2",

@@ -1,4 +1,4 @@
-"""Validation: loss and bits per byte exactly as the challenge defines them (GOLF.md §2).
+"""Validation: loss and bits per byte exactly as the challenge defines them (docs/TECHNIQUES.md, "Metric: val_bpb").
 
 val_loss = mean token cross-entropy in nats over every scored target; the byte count of a target y
 with predecessor x is base_bytes[y] + (has_leading_space[y] and not is_boundary[x]) (data/bpb.py);

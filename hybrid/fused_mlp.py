@@ -1,4 +1,4 @@
-"""The MLP up-projection with its activation fused into the matmul epilogue (TECHNIQUES.md §4.3).
+"""The MLP up-projection with its activation fused into the matmul epilogue (golf PR #1105).
 
     pre = x·W_fcᵀ      h = act(pre)²      act = leaky_relu(·, slope): slope 0.5 (leaky_relu2) or 0 (relu2)
 
@@ -17,8 +17,9 @@ Compared with the unfused MLP this saves one full pass over the [M, N] hidden te
 The kernel is a `torch.library.custom_op` ("hybrid::mlp_up_act", with a fake kernel and an autograd
 formula), so torch.compile(fullgraph=True) keeps it as one opaque node without a graph break and still
 compiles everything around it; wrapping the whole MLP in an autograd.Function instead hides the rest
-from Inductor (TECHNIQUES.md §4.3). The op takes already-cast tensors: `mlp_up_act_linear` does what
-`CastedLinear` would (QAT fake-quant of the fp32 master weight, cast to the autocast dtype) first.
+from Inductor (2.7× slower in golf PR #1105; docs/TECHNIQUES.md, "Fused MLP kernel"). The op takes
+already-cast tensors: `mlp_up_act_linear` does what `CastedLinear` would (QAT fake-quant of the fp32
+master weight, cast to the autocast dtype) first.
 
 Dispatch (`MLP(fused=...)`): "auto" = the kernel on CUDA with triton and a bf16/fp16 compute dtype,
 else the reference (today's MLP code, bit for bit); "triton" forces the kernel (CUDA, or CPU tensors

@@ -63,13 +63,13 @@ class Rotary(nn.Module):
     Applied to [B, T, H, D] (time-second, the layout q/k keep for the attention call).
     - Frequencies are built over the rotated dims, inv_freq_j = base^(-2j / rope_dims), j <
       rope_dims/2 (the records' form, golf PR #315; the published hybrid built them over all 64
-      dims, TECHNIQUES.md §1.6).
+      dims: docs/TECHNIQUES.md, "Partial RoPE").
     - Split-half pairing inside the rotated slice: dim j pairs with j + rope_dims/2. The sign
       convention (x1 cos + x2 sin, -x1 sin + x2 cos) is the baseline's, so rope_dims == head_dim
       reproduces its full RoPE formula.
     - cos/sin are cached as [T, rope_dims/2] fp32 per (T, device) and broadcast as (1, T, 1, r/2):
       the published hybrid cached (1, 1, T, r/2), a heads-first layout that fails to broadcast
-      against time-second tensors (TECHNIQUES.md §1.3 item 6).
+      against time-second tensors (golf PR #1007/#1112; docs/TECHNIQUES.md, "Partial RoPE").
     No buffers: frequencies are recomputed in fp32, so `model.bfloat16()` cannot round them."""
 
     def __init__(self, head_dim: int, rope_dims: int, base: float = 10000.0):
@@ -109,7 +109,7 @@ class MLP(nn.Module):
     """fc -> act -> proj, [..., C] -> [..., C]; proj is zero-init (baseline).
 
     act "relu2" = relu(x)^2 (baseline, modded-nanogpt); "leaky_relu2" = leaky_relu(x, 0.5)^2
-    (golf PR #493, about -0.003 bpb, TECHNIQUES.md §2.7).
+    (golf PR #493, about -0.003 bpb; docs/TECHNIQUES.md, "MLP width and activation").
     fused: "auto" | "triton" | "off" (= "ref"), fc -> act as one Triton kernel (hybrid/fused_mlp.py);
     "auto" takes it on CUDA under bf16/fp16, and the unfused code below everywhere else. The kernel
     module is imported only when asked for: a run counts the code it imports (quant/budget.py)."""
@@ -145,7 +145,8 @@ def token_shift_ref(x: Tensor) -> Tensor:
 
 
 class TokenShiftMix(nn.Module):
-    """RWKV-style one-token-lookback mixer of the published hybrid (TECHNIQUES.md §1.4). [B, T, C] -> [B, T, C].
+    """RWKV-style one-token-lookback mixer of the published hybrid (golf PR #1007/#1112; docs/TECHNIQUES.md,
+    "Token-shift mixer"). [B, T, C] -> [B, T, C].
 
         xr = σ(mix_r)⊙x + (1−σ(mix_r))⊙x_prev,  xk likewise with mix_k
         r = σ(W_r·xr),  k = relu(W_k·xk)^2,  out = r ⊙ (W_v·k)
@@ -186,8 +187,9 @@ def exclusive_self_attention(y: Tensor, v: Tensor) -> Tensor:
     token's own value direction v̂ = v/||v|| of the KV head it shares. y [B, T, H, D], v [B, T, G, D].
 
     GQA by reshape + broadcast instead of repeat_interleave (about 2 vs 7 ms/step for 3-4 layers,
-    TECHNIQUES.md §2.1). A query whose only key is itself (position 0, or any position with
-    window 1) attends to v alone, so its output is exactly removed: XSA with attn_window=1 is zero."""
+    rec:2026-03-20_11L_EfficientPartialXSA_FA3_SWA120). A query whose only key is itself (position 0, or
+    any position with window 1) attends to v alone, so its output is exactly removed: XSA with
+    attn_window=1 is zero."""
     B, T, H, D = y.shape
     G = v.size(2)
     y_g = y.reshape(B, T, G, H // G, D)  # (B, T, G, H/G, D): heads g*H/G .. read KV head g
@@ -272,7 +274,7 @@ class SmearGate(nn.Module):
 
     def __init__(self, dim: int, bos_id: int = 1):
         super().__init__()
-        self.bos_id = bos_id  # the golf tokenizers' BOS (GOLF.md §1.3)
+        self.bos_id = bos_id  # the golf tokenizers' BOS (docs/TECHNIQUES.md, "Shard format and tokenizer")
         self.gate = nn.Parameter(torch.empty(dim))
         self.reset_parameters()
 
@@ -303,7 +305,8 @@ def bigram_hash_ids(input_ids: Tensor, buckets: int) -> Tensor:
 class BigramHash(nn.Module):
     """Hashed (previous, current) token-pair embedding added to tok_emb. [B, T] ids -> [B, T, C].
 
-    table (buckets × dim_b, zero-init) -> proj dim_b→C -> × bigram_scale (init 0.05). TECHNIQUES.md §2.4."""
+    table (buckets × dim_b, zero-init) -> proj dim_b→C -> × bigram_scale (init 0.05).
+    docs/TECHNIQUES.md, "BigramHash"."""
 
     SCALE_INIT = 0.05
 
@@ -328,7 +331,7 @@ class BigramHash(nn.Module):
 
 
 class ValueEmbedding(nn.Module):
-    """A second token embedding fed into attention values (golf PR #374, TECHNIQUES.md §2.2).
+    """A second token embedding fed into attention values (golf PR #374; docs/TECHNIQUES.md, "Value embeddings").
 
     [B, T] ids -> [B, T, kv_dim]: table (V × ve_dim, N(0, 0.01)) -> proj ve_dim→kv_dim ->
     × shared_scale (init 0.1, one scalar shared by every VE layer; each layer adds its own

@@ -290,7 +290,7 @@ class HybridGPT(nn.Module):
         |   mlp.proj, token-shift w_v, expert proj)     |                                          |
         | other CastedLinear, ortho_init, both dims>=64 | orthogonal, gain 1 (golf PR #164)        |
         |   bigram.proj, ve.proj (outputs into stream)  |   then × 1/sqrt(2·num_layers) (records'  |
-        |                                               |   muP-style scaling, TECHNIQUES.md §2.17)|
+        |                                               |   muP-style scaling, PR #162, PR #135)   |
         | other CastedLinear                            | PyTorch default (kaiming-uniform, a=√5)  |
         | RWKV-7 time-mix / channel-mix (R layers),     | RWKV-7 reference init, every parameter:  |
         |   matrices and LoRAs included                 |   RWKV7TimeMix/ChannelMix.reset_parameters |
@@ -312,7 +312,8 @@ class HybridGPT(nn.Module):
         self.tok_emb.weight.normal_(0.0, cfg.tied_embed_init_std)
         if self.skip_weights is not None:
             self.skip_weights.fill_(1.0)
-        # RWKV-7 modules own the init of everything inside them (reference init, ARCHS.md §1.6).
+        # RWKV-7 modules own the init of everything inside them (the RWKV-LM reference init,
+        # docs/TECHNIQUES.md "RWKV-7").
         rwkv: list[nn.Module] = []
         if cfg.rwkv_layer_ids:
             from hybrid.rwkv7 import RWKV7ChannelMix, RWKV7TimeMix

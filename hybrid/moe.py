@@ -2,7 +2,8 @@
 
 Shapes: N = B·T tokens, C model dim, E routed experts, k experts per token, H expert hidden width.
 
-Routing (ARCHS.md §2.2 DeepSeek-V3/Kimi, §2.3 Mixtral/Qwen-MoE), per token x [C]:
+Routing (DeepSeek-V3 arXiv:2412.19437 / Kimi K2; Mixtral arXiv:2401.04088 / Qwen-MoE; docs/TECHNIQUES.md
+"Mixture of Experts"), per token x [C]:
 
     z = W_r x                          [E]  router logits, always fp32 (autocast off)
     s = softmax(z) | sigmoid(z)        [E]  "softmax" = Mixtral/Qwen, "sigmoid" = DeepSeek-V3/Kimi
@@ -12,7 +13,7 @@ Routing (ARCHS.md §2.2 DeepSeek-V3/Kimi, §2.3 Mixtral/Qwen-MoE), per token x [
     g = s[I]  (/ Σ g if norm_topk_prob) · routed_scaling_factor            [k]  gates, carry grad
     y = Σ_{i∈I} g_i · E_i(x) + σ(w_s·x)? · Shared(x)
 
-Dispatch (dropless, no capacity, no token ever dropped; ARCHS.md §2.4, torchtitan/nanochat):
+Dispatch (dropless, no capacity, no token ever dropped; torchtitan `models/moe/moe.py`, nanochat `moe.py`):
     flat = I.flatten() [N·k] -> order = argsort(flat, stable) -> token = order // k
     xs = x[token] [N·k, C], rows grouped by expert; counts [E] = rows per expert
     expert MLPs on the contiguous segments: `torch._grouped_mm` (CUDA + bf16) or a loop over segments
@@ -26,7 +27,7 @@ Expert weights are a ModuleList of `MoEExpert`, each two 2-D `CastedLinear`s (fc
 [C, H]), not a 3-D bank: the int6 exporter quantizes every 2-D matrix per row, QAT switches any
 `CastedLinear`'s `qat_bits`, and Muon takes 2-D matrices (= per-expert orthogonalisation), so experts
 need no special case anywhere. The grouped-mm path stacks the (fake-quantized) weights per call.
-The router is a plain `nn.Linear` (no QAT; ARCHS.md §2.4 keeps it fp16/fp32 in the artifact) and
+The router is a plain `nn.Linear` (no QAT; the design keeps it fp16/fp32 in the artifact) and
 `expert_bias` is an fp32 buffer updated outside autograd by `update_bias` / `update_expert_biases`.
 """
 
@@ -49,8 +50,9 @@ MOE_DISPATCH = ("auto", "grouped", "loop")
 
 @dataclass
 class MoEConfig:
-    """One MoE FFN's shape and routing. Defaults: the golf layer of ARCHS.md §4.a (4 routed experts of
-    hidden 256, top-1, one shared expert of hidden 512, sigmoid router with bias balancing)."""
+    """One MoE FFN's shape and routing. Defaults: the first golf design (docs/TECHNIQUES.md, "Mixture of
+    Experts"): 4 routed experts of hidden 256, top-1, one shared expert of hidden 512, sigmoid router
+    with bias balancing."""
 
     num_experts: int = 4
     top_k: int = 1

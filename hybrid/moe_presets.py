@@ -24,18 +24,20 @@ Presets (`MOE_PRESETS`):
       routed one, as Qwen-MoE's wider shared expert)
   giving 4,024,134,144 total (+0.6 %) and 998,337,024 active (−0.2 %). With s = h the active count
   would need a ~14k-wide dense layer; with tied embeddings active falls to ~0.75 B. Sigmoid router,
-  norm_topk_prob, routed scale 2.5 and bias balancing follow the DeepSeek-V3/Kimi pattern (ARCHS.md
-  §2.2); rope_theta 50,000 is our choice (not in the seed).
-- "rish" (RishAIConfig, ARCHS.md §2.1): V 100,352, C 4096, 32 L, 32 heads, max positions 4096,
-  7 experts top-5 of SwiGLU width 11008 (intermediate_size), softmax router without renormalisation,
-  aux 0.01, dynamic RoPE θ = 5e5, untied, RMSNorm eps 1e-6. Unstated: KV heads -> 8 (GQA, our
-  choice) and the dynamic factor -> 2.0. Computed: 32,465,096,704 total, 23,808,053,248 active.
-- "golf": ARCHS.md §4.a at sp1024 (11 L, C 512, 8/4 heads, tied V 1024; layer 0 dense leaky-relu²
-  1536; layers 1-10: one shared expert 256 + 4 routed × 192, top-1, sigmoid + bias balancing).
-  ffn_pattern "DMMMMMMMMMM". 21,265,920 params (15.4 M active). Sized by a measured pack of the
-  trainer's `--arch moe` (the same FFNs on the hybrid's mixers, 21,284,896 params): 15,235,774 model
-  bytes with int6 + zlib after 60 CPU training steps, 15,306,858 with the code (docs/PERF.md). §4.a's
-  shared 512 + routed 256 (25.2 M params) would be ≈ 17.9 MB at the measured ~0.71 byte/param.
+  norm_topk_prob, routed scale 2.5 and bias balancing follow the DeepSeek-V3/Kimi pattern (DeepSeek-V3,
+  arXiv:2412.19437); rope_theta 50,000 is our choice (not in the seed).
+- "rish" (RishAIConfig, Hugging Face Harishapc01/RishAI-Base-v2): V 100,352, C 4096, 32 L, 32 heads, max
+  positions 4096, 7 experts top-5 of SwiGLU width 11008 (intermediate_size), softmax router without
+  renormalisation, aux 0.01, dynamic RoPE θ = 5e5, untied, RMSNorm eps 1e-6. Unstated: KV heads -> 8
+  (GQA, our choice) and the dynamic factor -> 2.0. Computed: 32,465,096,704 total, 23,808,053,248
+  active.
+- "golf": the golf MoE at sp1024 (docs/TECHNIQUES.md, "Mixture of Experts"; 11 L, C 512, 8/4 heads, tied
+  V 1024; layer 0 dense leaky-relu² 1536; layers 1-10: one shared expert 256 + 4 routed × 192, top-1,
+  sigmoid + bias balancing). ffn_pattern "DMMMMMMMMMM". 21,265,920 params (15.4 M active). Sized by a
+  measured pack of the trainer's `--arch moe` (the same FFNs on the hybrid's mixers, 21,284,896 params):
+  15,235,774 model bytes with int6 + zlib after 60 CPU training steps, 15,306,858 with the code
+  (docs/PERF.md). The first design's shared 512 + routed 256 (25.2 M params) would be ≈ 17.9 MB at the
+  measured ~0.71 byte/param.
 """
 
 from __future__ import annotations
@@ -279,7 +281,7 @@ MATRIX_BYTES_PER_PARAM = 0.71  # int6 + zlib, measured (estimate_artifact_bytes)
 def estimate_artifact_bytes(cfg: MoELMConfig) -> int:
     """Estimate (not a measurement) of the int6 + zlib artifact: 0.71 B per int6 matrix parameter
     (measured on the default hybrid and the golf MoE after 60 CPU training steps, docs/PERF.md; trained
-    and weight-decayed GPU weights compress further, ARCHS.md §0 reports 0.58 with zstd), 1 B per int8
+    and weight-decayed GPU weights compress further: 0.58 with zstd in rec:2026-03-22), 1 B per int8
     embedding/head value, 2 B per fp16 norm gain / router value, 4 B per fp32 expert-bias entry. Code
     bytes are not included."""
     b = param_breakdown(cfg)

@@ -2,9 +2,9 @@
 
 Muon (Jordan et al., modded-nanogpt) replaces each matrix's momentum update by the nearest
 semi-orthogonal matrix, computed with a quintic Newton–Schulz iteration. The golf records use it for
-every 2-D weight inside the blocks; embeddings and control scalars stay with Adam (GOLF.md §3.4).
+every 2-D weight inside the blocks; embeddings and control scalars stay with Adam (the baseline's split).
 
-Distributed Muon ("Parallel Muon", TECHNIQUES.md §2.15/§4.1: about −2 ms/step on 8×H100): the
+Distributed Muon ("Parallel Muon", golf PR #399, docs/TECHNIQUES.md: about −2 ms/step on 8×H100): the
 matrices of one shape form a bank; in a bank of n matrices each rank runs at most ceil(n/W) of them, a
 contiguous run in rank order, and how many is chosen so that the Newton–Schulz work (∝ rows·cols·
 min(rows, cols) per matrix) summed over all banks is balanced (`balance_banks`: greedy, largest
@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-# Quintic coefficients (3.4445, -4.7750, 2.0315): the baseline's fixed NS5 (GOLF.md §3.4).
+# Quintic coefficients (3.4445, -4.7750, 2.0315): the baseline's fixed NS5 (its zeropower_via_newtonschulz5).
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
@@ -47,7 +47,7 @@ def zeropower_via_newtonschulz5(G: Tensor, steps: int = 5, eps: float = 1e-7) ->
 
 
 def compiled_zeropower():
-    """Newton–Schulz compiled on its own (the records do, TECHNIQUES.md §4.4): one graph per bank
+    """Newton–Schulz compiled on its own (as the baseline and the records do): one graph per bank
     shape, so the recompile limit is raised to the number of distinct matrix shapes a model has."""
     limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 64))
@@ -187,7 +187,7 @@ def balance_banks(banks: list[tuple[int, int]], world_size: int) -> list[list[in
 # Parameter groups
 # ---------------------------------------------------------------------------------------------
 
-# Embedding tables (looked up, not multiplied): Adam, never Muon (GOLF.md §3.4).
+# Embedding tables (looked up, not multiplied): Adam, never Muon (the baseline's optimizer split).
 EMBEDDING_NAMES = ("tok_emb.weight", "bigram.table.weight", "ve.table.weight")
 
 
@@ -196,7 +196,7 @@ def is_embedding(name: str) -> bool:
 
 
 # MoE routers (and the Qwen-style shared-expert gate): E×C logits that pick experts. They stay with
-# Adam at any E (ARCHS.md §2.4: a small, separate learning rate; an orthogonalised update would give
+# Adam at any E (nanochat's router-lr sweep: a small, separate learning rate; an orthogonalised update would give
 # every expert's logit the same step size). Without this rule a router with E >= 16 would go to Muon.
 ROUTER_NAMES = ("router.weight", "shared_gate.weight")
 
@@ -212,15 +212,16 @@ def is_matrix(name: str, p: Tensor) -> bool:
     return p.ndim == 2 and min(p.shape) >= 16 and not is_embedding(name) and not is_router(name)
 
 
-# RWKV-7's optimizer recipe, for the parameters of modules marked `optim_recipe = "rwkv7"` (the
-# time-mix, channel-mix and ln_x of hybrid/rwkv7.py) and of LayerNorms (here only RWKV-7's pre-LN
-# block norms, ARCHS.md §1.1); nothing else in the model is touched by these rules:
-# - ARCHS.md §1.7, first bullet: weight decay **only** on the large projection matrices and emb/head,
+# RWKV-7's optimizer recipe (docs/TECHNIQUES.md, "RWKV-7 optimizer recipe"), for the parameters of
+# modules marked `optim_recipe = "rwkv7"` (the time-mix, channel-mix and ln_x of hybrid/rwkv7.py) and of
+# LayerNorms (here only RWKV-7's pre-LN block norms, BlinkDL RWKV-LM `Block`); nothing else in the model
+# is touched by these rules:
+# - BlinkDL RWKV-LM: weight decay **only** on the large projection matrices and emb/head,
 #   "never on the vectors, LoRAs, norms" (reference README, "THIS IS VERY IMPORTANT"); the reference
-#   `configure_optimizers` gives w0 `my_lr_scale 2.0`, and the §1.6 table marks w0 "**2x LR**".
-# - ARCHS.md §1.7, last bullet, and §4.b notes: Muon on r, k, v, o and the channel-mix matrices (here
-#   CastedLinear children, which keep the generic Muon rule), Adam on the LoRAs and vectors (the
-#   modded-nanogpt-rwkv run keeps the LoRA `*_w1/*_w2` off Muon).
+#   `configure_optimizers` gives w0 `my_lr_scale 2.0`, i.e. "**2x LR**".
+# - BlinkDL modded-nanogpt-rwkv (`rwkv_records/RWKV-7-fast-2024-11-09-19-49-33.txt`): Muon on r, k, v, o
+#   and the channel-mix matrices (here CastedLinear children, which keep the generic Muon rule), Adam on
+#   the LoRAs and vectors (that run keeps the LoRA `*_w1/*_w2` off Muon).
 # So: LoRA factors, vectors/norms/r_k and w0 are three Adam groups at scalar_lr without weight decay,
 # w0's at RWKV7_W0_LR_SCALE x scalar_lr. The names are hybrid/rwkv7.py's RWKV7_LORA_NAMES (repeated
 # here so that optim does not import the RWKV-7 module).

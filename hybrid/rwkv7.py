@@ -1,7 +1,7 @@
 """RWKV-7 "Goose" (x070): time-mix, channel-mix, block and a standalone language model.
 
 Shapes: B batch, T time, C model dim, H = C / N heads of size N, V vocab. Column-vector math per
-token t (ARCHS.md §1.2–1.5, BlinkDL RWKV-LM `RWKV-v7/train_temp/src/model.py`):
+token t (arXiv:2503.14456, BlinkDL RWKV-LM `RWKV-v7/train_temp/src/model.py`; docs/TECHNIQUES.md "RWKV-7"):
 
     δ = x_{t−1} − x_t (x_{−1} = carried shift state, 0 at the start);  x^∗ = x + δ⊙μ_∗, ∗ ∈ {r,w,k,v,a,g}
     r = W_r x^r,  k = W_k x^k,  v = W_v x^v                                  [B, T, C] each
@@ -42,7 +42,7 @@ RWKV7_LOG_DECAY_SCALE = -math.exp(-0.5)
 RWKV7_LORA_FACTORS = {"w": 2.5, "a": 2.5, "v": 1.7, "g": 5.0}
 # Per-channel vectors of the time-mix / channel-mix, stored [C] here and [1, 1, C] by the reference.
 RWKV7_VECTOR_NAMES = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "v0", "k_k", "k_a")
-# LoRA factors: first [C, d] then second [d, C] of each LoRA (ARCHS.md §1.6); v1/v2 not in the first layer.
+# LoRA factors: first [C, d] then second [d, C] of each LoRA (RWKV_Tmix_x070); v1/v2 not in the first layer.
 RWKV7_LORA_NAMES = ("w1", "w2", "a1", "a2", "v1", "v2", "g1", "g2")
 
 
@@ -107,7 +107,7 @@ class RWKV7GroupNorm(nn.Module):
     head size, which is the same at N = 64. Own module (not nn.GroupNorm) so its weight keeps the
     time-mix's layer-scaled init: nothing outside resets it to 1."""
 
-    optim_recipe = "rwkv7"  # Adam, no weight decay (hybrid/optim.py, ARCHS.md §1.7)
+    optim_recipe = "rwkv7"  # Adam, no weight decay (hybrid/optim.py; docs/TECHNIQUES.md "RWKV-7 optimizer recipe")
 
     def __init__(self, num_heads: int, dim: int, eps: float):
         super().__init__()
@@ -169,7 +169,7 @@ class RWKV7TimeMix(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Reference init (RWKV_Tmix_x070.__init__, ln_x from generate_init_weight), ARCHS.md §1.6:
+        """Reference init (BlinkDL RWKV-LM RWKV_Tmix_x070.__init__, ln_x from generate_init_weight):
 
         | x_r x_w x_k x_v x_a x_g | 1 − (i/C)^{p·(1 − l/L)}, p = 0.2 0.9 0.7 0.7 0.9 0.2 |
         | w0                      | −6 + 6(i/(C−1))^{1 + (l/(L−1))^0.3} + 0.5 + 2.5·zigzag |
@@ -179,7 +179,7 @@ class RWKV7TimeMix(nn.Module):
         | ln_x weight / bias      | ((l+1)/L)^0.7 / 0                                    |
         linear_i = i/(C−1) − 0.5; zigzag_i = z|z|, z = ((i mod N) − (N−1)/2)/((N−1)/2).
         (generate_init_weight in the same file re-draws the big matrices orthogonally — gain 1 for
-        receptance/value, 0.1 for key; ARCHS.md's table, followed here, uses the uniform ones.)"""
+        receptance/value, 0.1 for key; we follow RWKV_Tmix_x070.__init__'s uniform ones.)"""
         C, N, l, L = self.dim, self.head_size, self.layer_id, self.num_layers
         dev = self.w0.device
         i = torch.arange(C, dtype=torch.float64, device=dev)
@@ -260,7 +260,7 @@ class RWKV7ChannelMix(nn.Module):
     """Token-shifted relu² FFN. forward(x [B, T, C], shift [B, C] | None) -> (out [B, T, C], last x [B, C]).
 
     x_k = 1 − (i/C)^{(1 − l/L)^4}; key U(±0.5/√C); value 0 (RWKV_CMix_x070). The reference hard-codes
-    hidden = 4C; the golf configs use 3C (ARCHS.md §4.b)."""
+    hidden = 4C; the golf configs use less (RWKV7_PRESETS["golf"]: 2.5C; docs/TECHNIQUES.md "RWKV-7")."""
 
     optim_recipe = "rwkv7"  # x_k: Adam, no weight decay; key/value (CastedLinear) stay with Muon
 
@@ -399,14 +399,15 @@ def rwkv7_param_count(vocab_size: int, dim: int, num_layers: int, head_size: int
 
 
 RWKV7_PRESETS: dict[str, dict] = {
-    # fla-hub/rwkv7-191M-world: L12-D768, vocab 65,536, head 64, FFN 4C, untied (ARCHS.md §1.10).
+    # fla-hub/rwkv7-191M-world: L12-D768, vocab 65,536, head 64, FFN 4C, untied (its Hugging Face model card).
     # 191,034,624 parameters here (the README formula, which also counts layer 0's unused v LoRA: 191,084,544).
     "rwkv7-191m": {"vocab_size": 65536, "dim": 768, "num_layers": 12, "head_size": 64, "ffn_hidden": 3072,
                    "tie": False},
-    # Golf (ARCHS.md §4.b sp1024, one layer fewer, channel-mix 2.5C): 8 × 512, 8 heads of 64, vocab 1024
-    # tied. 21,804,544 params. Sized by a measured pack (docs/PERF.md): after 60 CPU training steps the
-    # int6 + zlib artifact was 15,630,854 bytes + 82,227 code = 15,713,081 (margin 286,919). §4.b's FFN
-    # 3C (23,901,696 params) would be ≈ 17.1 MB at the measured ~0.72 byte/param.
+    # Golf (the first sp1024 design, 9 × 512 with FFN 3C, with one layer fewer and channel-mix 2.5C;
+    # docs/TECHNIQUES.md "RWKV-7"): 8 × 512, 8 heads of 64, vocab 1024 tied. 21,804,544 params. Sized by
+    # a measured pack (docs/PERF.md): after 60 CPU training steps the int6 + zlib artifact was 15,630,854
+    # bytes + 82,227 code = 15,713,081 (margin 286,919). The design's FFN 3C (23,901,696 params at 8
+    # layers) would be ≈ 17.1 MB at the measured ~0.72 byte/param.
     "golf": {"vocab_size": 1024, "dim": 512, "num_layers": 8, "head_size": 64, "ffn_hidden": 1280, "tie": True,
              "logit_softcap": 30.0},
 }

@@ -1,6 +1,6 @@
 """Schedules as pure functions of (step, elapsed training time): LR scale, Muon momentum, QAT switch.
 
-LR: no warmup; constant, then a linear warmdown to zero (golf baseline, GOLF.md §3.5). With a
+LR: no warmup; constant, then a linear warmdown to zero (golf baseline; docs/TECHNIQUES.md, "Schedules"). With a
 wallclock cap the warmdown is tied to time: its length is WARMDOWN_ITERS × the mean step time so far,
 so it ends exactly when the cap is reached whatever the hardware's speed. Without a cap it spans the
 last WARMDOWN_ITERS of ITERATIONS.

@@ -3,7 +3,8 @@ dispatching entry point.
 
 Shapes: B batch, T time, H heads, N head size. Every sequence input is [B, T, H, N]; the state is
 [B, H, N, N] with S[i, j] = (value index i, key index j), the layout of the reference CUDA kernel and
-of the `rwkv` package's inference state. Per head and token (column vectors, ARCHS.md §1.3):
+of the `rwkv` package's inference state. Per head and token (column vectors, RWKV-7 arXiv:2503.14456,
+RWKV-LM `rwkv7_clampw.cu`):
 
     sa_t = S_{t-1} a_t                                    (a = α = −κ̂, "removal" direction)
     S_t  = S_{t-1} diag(exp(w_t)) + sa_t b_tᵀ + v_t k_tᵀ     (b = β = κ̂⊙a; k = k̃ the written key)
@@ -14,9 +15,9 @@ argument of `chunk_rwkv7` has the same meaning. The state and all recurrence mat
 (float64 when the inputs are float64): decays sit close to 1, so bf16 state would drift (RWKV-LM
 README). `y` comes back in r's dtype, the final state in the compute dtype.
 
-Chunked form (ARCHS.md §1.8, the DPLR pipeline of FLA `dplr/naive.py`, re-derived here). Work with
-h = Sᵀ [K, V]. In a chunk of c tokens with incoming h₀, G_t = Σ_{s≤t} w_s (inclusive) and
-G⁻_t = G_t − w_t. With u_t = a_tᵀ h_{t−1} (= sa_tᵀ):
+Chunked form (the DPLR pipeline of FLA `fla/ops/generalized_delta_rule/dplr/naive.py`, re-derived
+here). Work with h = Sᵀ [K, V]. In a chunk of c tokens with incoming h₀, G_t = Σ_{s≤t} w_s (inclusive)
+and G⁻_t = G_t − w_t. With u_t = a_tᵀ h_{t−1} (= sa_tᵀ):
 
     A_qk[t,s] = Σ_j r_t k_s e^{G_t−G_s}  (s≤t)     A_qb[t,s] = Σ_j r_t b_s e^{G_t−G_s}  (s≤t)
     A_ak[t,s] = Σ_j a_t k_s e^{G⁻_t−G_s} (s<t)     A_ab[t,s] = Σ_j a_t b_s e^{G⁻_t−G_s} (s<t)

@@ -2,7 +2,7 @@
 
 Same math and layouts as hybrid/wkv7.py: inputs [B, T, H, N] (N a power of two, ≤ 128), w the log
 decay, state [B, H, N, N] with S[i, j] = (value i, key j), fp32 state and arithmetic whatever the
-input dtype. The design follows BlinkDL's training kernel (RWKV-LM `rwkv7_clampw.cu`, ARCHS.md §1.8):
+input dtype. The design follows BlinkDL's training kernel (RWKV-LM `RWKV-v7/train_temp/cuda/rwkv7_clampw.cu`):
 a program keeps its head's N×N state in registers and walks the sequence, which gives B·H programs
 (≈ 384 for a golf batch on one GPU, enough to fill an H100).
 

@@ -1,10 +1,10 @@
 """Artifact accounting: code bytes + compressed model bytes against the decimal 16,000,000-byte cap.
 
 The challenge counts the bytes of the code that produces the model plus the bytes of the compressed
-model (GOLF.md §3.6, §4.6). Code bytes here are file sizes on disk (for UTF-8 text, the same number
-as the baseline's `len(code.encode("utf-8"))`). The trainer sums them over `loaded_source_files`:
-`train_gpt.py` plus every project module the run actually imported (so an architecture that is
-not used, say RWKV-7 in a hybrid run, costs nothing).
+model (the challenge README; docs/TECHNIQUES.md, "Artifact size"). Code bytes here are file sizes on
+disk (for UTF-8 text, the same number as the baseline's `len(code.encode("utf-8"))`). The trainer
+sums them over `loaded_source_files`: `train_gpt.py` plus every project module the run actually
+imported (so an architecture that is not used, say RWKV-7 in a hybrid run, costs nothing).
 """
 from __future__ import annotations
 

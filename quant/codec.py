@@ -17,7 +17,7 @@ compressed, named in the section table as (id, parameter): "none" (0, 0) and "sh
 the byte shuffle of stride s in 2..16. The shuffle writes byte j of every s-byte element first for
 j = 0, then j = 1, ... (an [n/s, s] -> [s, n/s] transpose), and then the n mod s trailing bytes as
 they are. On fp16 data (s = 2) the sign/exponent bytes end up next to each other, which compressors
-exploit (TECHNIQUES.md §2.14: brotli -5.9%). Kept only where measured to help: fp16 and fp32
+exploit (golf PR #1105: brotli -5.9%). Kept only where measured to help: fp16 and fp32
 sections (the measurements are in docs/ARTIFACT.md §9); remapping int8 values (zigzag, offset to
 unsigned) moved compressed sizes by at most 0.16%, in no consistent direction, and was dropped.
 """

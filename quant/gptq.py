@@ -1,7 +1,7 @@
 """Full-Hessian GPTQ onto the per-row grid of quant/int6.py, and self-generated calibration tokens.
 
-GPTQ (Frantar et al., 2022; TECHNIQUES.md §2.11, PR #535/#634 -> rec:2026-03-25)
--------------------------------------------------------------------------------
+GPTQ (Frantar et al., arXiv:2210.17323; PR #535/#634 -> rec:2026-03-25; docs/TECHNIQUES.md "GPTQ")
+--------------------------------------------------------------------------------------------------
 For a linear layer y = x Wᵀ with W [R, C] and calibration inputs X [N, C], quantizing W to Ŵ should
 keep the layer's output: minimise ||X Wᵀ - X Ŵᵀ||² = Σ_r (w_r - ŵ_r) H (w_r - ŵ_r)ᵀ, H = XᵀX / N.
 Rows are independent given H, so all rows are processed together, one column at a time (optimal

@@ -10,10 +10,11 @@ A 2-D weight `w` of shape [R, C] is quantized row by row (rows are output featur
 
 `clip_r` comes from one of two clip modes (both shared by export and QAT, `CLIP_MODES`):
 - "mse" (default): the row's max |w| times one of CLIP_RATIOS, whichever gives the smallest squared
-  reconstruction error for that row (a GPTQ-lite style search, TECHNIQUES.md §2.11, but over fixed
+  reconstruction error for that row (a GPTQ-lite style search, rec:2026-03-22, but over fixed
   fractions of the row max instead of percentiles: no sort or quantile, so it is cheap enough to run
   inside every QAT forward; torch.quantile-based QAT cost +20% step time in golf PR #145).
-- "sdclip": clip_r = k * std(row) (SDClip, rec:2026-04-05, TECHNIQUES.md §2.11), so
+- "sdclip": clip_r = k * std(row) (SDClip, rec:2026-04-05; docs/TECHNIQUES.md, "Integer grid and row
+  scales"), so
   s_r = fp16(std_r * fp32(k / qmax)). std is torch's default unbiased one (N - 1), computed in
   float64. The records use k = 12.85 for int6 matrices and k = 20 for int8 embeddings; k is far
   above the row max of a Gaussian row, so this mostly sets the step size, not a clip: the compressed

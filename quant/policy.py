@@ -16,7 +16,7 @@ attention projection, ATTN_LEAVES, follows), "other" (bigram.proj, ve.proj, ...)
 
 Small tensors stay in float because a per-row fp16 scale would cost as much as the data saved, and
 control tensors (gains, mixes, skip weights) are few numbers that every token passes through: the
-baseline kept them in fp32 too (GOLF.md §3.6). Names are matched on dotted-path components, not as raw
+baseline kept them in fp32 too (its quantize_state_dict_int8). Names are matched on dotted-path components, not as raw
 substrings: `mix` must catch `resid_mix` and `mixer.mix_r` but not the `mixer.` module prefix that
 every token-shift matrix carries.
 """
@@ -31,7 +31,8 @@ from torch import Tensor
 from quant.int6 import check_clip, qmax, quantize_rows
 
 # Embedding-like tables (rows are looked up, not multiplied): int8 per row keeps the quant gap of
-# the tied embedding small (TECHNIQUES.md §2.13). A whole component path must match.
+# the tied embedding small (rec:2026-03-19 MixedQuant; docs/TECHNIQUES.md, "Precision policy"). A whole
+# component path must match.
 EMBED_NAMES: tuple[str, ...] = ("tok_emb", "bigram.table", "ve.table", "lm_head")
 EMBED_PATTERN = re.compile(r"(?:^|\.)(?:" + "|".join(re.escape(n) for n in EMBED_NAMES) + r")(?:\.|$)")
 
@@ -72,7 +73,7 @@ FP16 = Precision("fp16", 16)
 FP32 = Precision("fp32", 32)
 RAW = Precision("raw", 0)
 
-# Records' SDClip k (rec:2026-04-05, TECHNIQUES.md §2.11): int6 matrices and int8 embeddings.
+# Records' SDClip k (rec:2026-04-05, golf PR #1394): int6 matrices and int8 embeddings.
 SD_K_MATRIX = 12.85
 SD_K_EMBED = 20.0
 
@@ -116,7 +117,7 @@ def tensor_precision(name: str, tensor: Tensor, matrix_bits: int = 6, embed_bits
     """The storage precision of state-dict entry `name` (rules in the module docstring).
 
     mlp_bits / attn_bits (None = matrix_bits) are the widths of the "mlp" and of the "attn" + "mixer"
-    groups (int5 MLP, int6 attention: TECHNIQUES.md §2.12). With clip="sdclip" int tensors carry
+    groups (int5 MLP, int6 attention: golf PR #180). With clip="sdclip" int tensors carry
     k = sd_k_embed (embeddings) or sd_k_matrix (every other matrix); with "mse" sd_k stays 0.
     """
     if not tensor.is_floating_point():

@@ -8,7 +8,7 @@ name)` returns), so the grid trained against is the grid written to the artifact
 
 Setting an int attribute (rather than a class-level flag) matters under torch.compile: dynamo guards
 on module attributes, so the switch costs one recompile instead of being constant-folded away (the
-failure TECHNIQUES.md §2.10 reports for rec:03-21).
+failure of rec:2026-03-21's late QAT; docs/TECHNIQUES.md, "Late QAT").
 """
 from __future__ import annotations
 

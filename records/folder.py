@@ -1,4 +1,5 @@
-"""`python -m records new`: a record folder (GOLF.md §4.1–4.3) from finished run logs and an artifact.
+"""`python -m records new`: a record folder (the challenge's layout and submission.json fields: docs/TECHNIQUES.md,
+"Record folders and significance") from finished run logs and an artifact.
 
 records/track_<track>/YYYY-MM-DD_<Name>/
   README.md          configuration, per-seed table, what changed

@@ -1,6 +1,6 @@
-"""The challenge's significance rule (GOLF.md §4.5): a new record must improve val_loss by at least
-0.005 nats with p < 0.01. Tested here as a one-sided Welch t-test of
-H0: mean_base - mean_new <= 0.005 against H1: mean_base - mean_new > 0.005 across seeds.
+"""The challenge's significance rule (its README; docs/TECHNIQUES.md, "Record folders and significance"):
+a new record must improve val_loss by at least 0.005 nats with p < 0.01. Tested here as a one-sided
+Welch t-test of H0: mean_base - mean_new <= 0.005 against H1: mean_base - mean_new > 0.005 across seeds.
 
 The Student t CDF uses scipy when it is installed, else our own: the regularized incomplete beta
 function by Lentz's continued fraction (Numerical Recipes §6.4), which the tests check against

@@ -67,7 +67,7 @@ def test_gpt_arch_is_the_naive_baseline_exactly():
     cfg = ModelConfig(**ARCH_DEFAULTS["gpt"])
     with torch.device("meta"):
         model = HybridGPT(cfg)
-    assert count_params(model) == 17_059_912  # GOLF.md §3.3, the baseline's logged model_params
+    assert count_params(model) == 17_059_912  # the baseline's logged model_params (rec:2026-03-17_NaiveBaseline)
     assert expected_params(cfg) == 17_059_912
     assert all(b.kind == "F" for b in model.blocks) and model.skip_weights.shape == (4, 512)
     assert cfg.rotary_dims == cfg.head_dim == 64  # full RoPE

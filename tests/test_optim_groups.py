@@ -1,5 +1,6 @@
 """Optimizer parameter groups (hybrid/optim.py): the generic rules for every architecture, and the
-RWKV-7 recipe of ARCHS.md §1.7 / §4.b for RWKV-7 modules only.
+RWKV-7 recipe of BlinkDL RWKV-LM / modded-nanogpt-rwkv (docs/TECHNIQUES.md, "RWKV-7 optimizer recipe")
+for RWKV-7 modules only.
 
 The recipe, as written down here independently of the implementation:
 - Muon (matrix_lr, muon_wd): receptance, key, value, output and the channel-mix key/value matrices;
@@ -126,7 +127,7 @@ def test_every_trainable_parameter_in_exactly_one_group(arch):
 
 
 def rwkv7_recipe(leaf: str) -> tuple[str, float, float, float]:
-    """(optimizer, lr, base_lr, weight decay) of an RWKV-7 module's parameter, by ARCHS.md §1.7."""
+    """(optimizer, lr, base_lr, weight decay) of an RWKV-7 module's parameter, by the RWKV-LM recipe."""
     if leaf in LORA:
         return ("AdamW", H.scalar_lr, H.scalar_lr, 0.0)
     if leaf == "w0":

@@ -160,7 +160,7 @@ def empirical_entropy(q: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("bits", [5, 6, 8])
 def test_sdclip_larger_k_lowers_entropy(bits):
-    """The reason SDClip exists: k trades error for compressed size (≈ bits - log2 k, §2.11)."""
+    """The reason SDClip exists: k trades error for compressed size (≈ bits - log2 k, rec:2026-04-05)."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(128, 256, generator=g) * (0.5 + torch.rand(128, 1, generator=g))
     w += 0.05 * torch.randn(128, 256, generator=g) ** 3  # heavier tails than a Gaussian
