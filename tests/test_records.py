@@ -239,3 +239,14 @@ def test_verify_refuses_tensors_whose_dtype_is_not_the_models(tiny_runs):
     name = next(k for k, v in state.items() if v.dtype == torch.float32)
     with pytest.raises(VerifyError, match=f"{name}: torch.bfloat16"):
         build_model(cfg, dict(state, **{name: state[name].to(torch.bfloat16)}))
+
+
+def test_rescore_at_the_runs_own_stride_reproduces_its_round_trip(tiny_runs):
+    from bench.rescore import rescore
+
+    d, _ = tiny_runs
+    run = parse_log(d / "s1.txt")
+    same = rescore(d / "s1.txt", int(run.hparams["eval_stride"]))
+    assert same.val_bpb == pytest.approx(run.val_bpb, rel=1e-6)
+    other = rescore(d / "s1.txt", int(run.hparams["train_seq_len"]))  # non-overlapping windows
+    assert other.tokens == same.tokens and other.val_bpb != same.val_bpb
