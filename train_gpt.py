@@ -43,7 +43,7 @@ from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate, evaluate_statef
 from hybrid.model import HybridGPT, check_stateful, expert_load_summary, named_model_preset
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
-from hybrid.settings import SettingError, check_explicit, check_settings, parse_setting, setting_name
+from hybrid.settings import TTT_MODES, SettingError, check_explicit, check_settings, parse_setting, setting_name
 from quant.artifact import (artifact_sections, blob_compressor, pack_model, read_artifact, unpack_model,
                             write_artifact)
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, loaded_source_files
@@ -83,6 +83,13 @@ class Hyperparameters:
     eval_warmup: int = field(default=0, metadata={"help": "stateful eval: unscored context tokens before each "
                                                           "span (0: every span starts from a fresh state)"})
     eval_prequant: bool = field(default=True, metadata={"help": "also score the unquantized final weights"})
+    ttt: str = field(default="off", metadata={"help": "score-first test-time training of a copy of the reloaded "
+                                                    "artifact at the final evaluation: off | sgd (hybrid/ttt.py)"})
+    ttt_chunk: int = field(default=32768, metadata={"help": "TTT: validation targets per chunk (scored, then trained on)"})
+    ttt_epochs: int = field(default=3, metadata={"help": "TTT: SGD passes over each chunk but the last"})
+    ttt_lr: float = field(default=0.002, metadata={"help": "TTT: SGD learning rate at the first chunk (cosine to 0)"})
+    ttt_momentum: float = field(default=0.9, metadata={"help": "TTT: SGD momentum"})
+    ttt_clip: float = field(default=1.0, metadata={"help": "TTT: gradient-norm clip (0: off)"})
     train_log_every: int = field(default=200, metadata={"help": "log the train loss every N steps"})
     # --- training length and batch -------------------------------------------------------------
     iterations: int = field(default=20000, metadata={"help": "maximum number of optimizer steps"})
@@ -302,7 +309,7 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     except (ValueError, ImportError) as exc:
         raise SettingError(f"invalid model settings: {exc}") from None
     check_settings(h, available_compressors(), {"eval_mode": EVAL_MODES, "quant_clip": CLIP_MODES,
-                                                "resume_mismatch": ("error", "allow")})
+                                                "resume_mismatch": ("error", "allow"), "ttt": TTT_MODES})
     for f in fields(ModelConfig):  # store the resolved values: logs and checkpoints show what ran
         if hasattr(h, f.name):
             value = getattr(cfg, f.name)
@@ -546,6 +553,13 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
                         rt.rank, rt.world_size, autocast, tail_logits=True)
 
+    def validate_ttt(net, stride: int, **kw):
+        from hybrid.ttt import evaluate_ttt  # lazy: only TTT runs count this code
+
+        return evaluate_ttt(net, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
+                            rt.world_size, autocast, chunk_tokens=h.ttt_chunk, epochs=h.ttt_epochs, lr=h.ttt_lr,
+                            momentum=h.ttt_momentum, grad_clip=h.ttt_clip, **kw)
+
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free
     stop_after_step = step if finished else None  # a final.pt: straight to packing, no training
@@ -628,7 +642,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     final = (resume_path if finished else
              save_final_weights(h, rt, checkpoint_dir, model, ema, loader, step, train_ms, qat_on, log))
     try:
-        return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms)
+        return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, validate_ttt)
     except Exception as exc:
         log(f"error: {type(exc).__name__} after training: {exc}")
         log(f"the trained weights are safe in {final}; repack and re-score them without training: "
@@ -736,7 +750,7 @@ def maybe_build_sample(h: Hyperparameters, rt: Runtime) -> None:
 # PACKING AND THE FINAL ROUND-TRIP EVALUATION
 # ---------------------------------------------------------------------------------------------
 
-def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) -> dict:
+def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, validate_ttt=None) -> dict:
     """EMA weights → (pre-quant score) → int artifact on disk → fresh model from the file → score."""
     device = rt.device
     use_cuda = device.type == "cuda"
@@ -801,7 +815,53 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms) 
     if h.eval_prequant:
         log(f"quant_gap_bpb:{post.val_bpb - results['prequant'].val_bpb:+.6f}")
     results.update(roundtrip=post, report=report, artifact=str(artifact_path), compressor=used)
+    if h.ttt != "off":
+        results["ttt"] = final_ttt(h, rt, log, fresh, tag, mode, stride, post, use_cuda, validate_ttt)
     return results
+
+
+def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cuda: bool, validate_ttt):
+    """Score-first test-time training (hybrid/ttt.py) of a copy of the model reloaded from the
+    artifact, which itself stays untouched; logs `<tag>_ttt_exact` and the time it took, with a
+    progress bar on rank 0's console."""
+    net = copy.deepcopy(fresh)
+    compiled = use_cuda and h.compile != 0
+    logits_fn = torch.compile(net.forward_logits, dynamic=False) if compiled else None
+    loss_fn = torch.compile(net, dynamic=False) if compiled else None
+    bar = progress_bar(rt, "ttt")
+    res, st = validate_ttt(net, stride, progress=bar, logits_fn=logits_fn, loss_fn=loss_fn)
+    if bar is not None:
+        bar.close()
+    log(f"{tag}_ttt eval:{mode} {res.log_fields()}")
+    log(f"ttt mode:{h.ttt} chunk:{h.ttt_chunk} epochs:{h.ttt_epochs} lr:{h.ttt_lr} momentum:{h.ttt_momentum} "
+        f"clip:{h.ttt_clip} chunks:{st['chunks']} trained_chunks:{st['trained_chunks']} steps:{st['steps']} "
+        f"score_time:{1000 * st['score_seconds']:.0f}ms train_time:{1000 * st['train_seconds']:.0f}ms "
+        f"time:{1000 * st['seconds']:.0f}ms")
+    log(f"{tag}_ttt_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
+    log(f"ttt_gain_bpb:{res.val_bpb - post.val_bpb:+.6f}")
+    return res
+
+
+class _Bar:
+    """progress(done, total) for rank 0's console: a tqdm bar with tokens and elapsed time."""
+
+    def __init__(self, desc: str):
+        from tqdm import tqdm
+
+        self.tqdm, self.bar, self.desc = tqdm, None, desc
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.bar is None:
+            self.bar = self.tqdm(total=total, desc=self.desc, unit="tok", unit_scale=True, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def progress_bar(rt, desc: str) -> "_Bar | None":
+    return _Bar(desc) if rt.is_main and sys.stderr.isatty() else None
 
 
 def share_from_rank0(blob: bytes | None, rt: Runtime) -> bytes:

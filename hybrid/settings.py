@@ -15,6 +15,7 @@ import math
 import os
 from pathlib import Path
 
+TTT_MODES = ("off", "sgd")  # score-first test-time training (hybrid/ttt.py), checked here before training
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -92,6 +93,8 @@ RULES: dict[str, tuple] = {
     "sd_k_matrix": _above(0), "sd_k_embed": _above(0), "gptq_seqs": _at_least(1),
     "gptq_seq_len": _at_least(2), "gptq_temp": _above(0), "gptq_batch": _at_least(1),
     "checkpoint_every": _at_least(0), "checkpoint_keep": _at_least(1),
+    "ttt_chunk": _at_least(1), "ttt_epochs": _at_least(0), "ttt_lr": _at_least(0), "ttt_momentum": FRACTION,
+    "ttt_clip": _at_least(0),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
     # model fields (explicit values only; -1 means the arch's default)
     "num_layers": _at_least(1), "model_dim": _at_least(1), "num_heads": _at_least(1),
@@ -158,6 +161,9 @@ def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None
     if h.compressor != "auto" and h.compressor not in compressors:
         raise SettingError(f"{setting_name('compressor')}={h.compressor!r}: choose one of "
                            f"{', '.join(compressors + ['auto'])} (installed here)")
+    if h.ttt != "off" and h.eval_mode != "sliding":
+        raise SettingError(f"{setting_name('ttt')}={h.ttt!r} needs EVAL_MODE=sliding (the stateful evaluation carries "
+                           f"a recurrent state across chunks that test-time training would invalidate)")
     if h.eval_stride > h.train_seq_len:
         raise SettingError(f"{setting_name('eval_stride')}={h.eval_stride} is longer than TRAIN_SEQ_LEN="
                            f"{h.train_seq_len}: windows would skip tokens; use a stride <= the window")

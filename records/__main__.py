@@ -23,9 +23,9 @@ def _losses(spec: list[str]) -> tuple[list[float], str]:
             if res:
                 return [float(v["val_loss"]) for _, v in sorted(res.items())], f"{sub} seed_results"
         logs = sorted(folder.glob("*.log")) + sorted(folder.glob("*.txt"))
-        return [parse_log(p).val_loss for p in logs], f"{len(logs)} logs in {folder}"
+        return [parse_log(p).score_loss for p in logs], f"{len(logs)} logs in {folder}"
     paths = [p for s in spec for p in s.split(",") if p]
-    return [parse_log(p).val_loss for p in paths], f"{len(paths)} logs"
+    return [parse_log(p).score_loss for p in paths], f"{len(paths)} logs"
 
 
 def cmd_bundle(a) -> int:

@@ -120,7 +120,8 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
 
     bytes_code = (folder / "train_gpt.py").stat().st_size
     bytes_model = (folder / ARTIFACT_NAME).stat().st_size
-    losses, bpbs = [r.val_loss for r in runs], [r.val_bpb for r in runs]
+    losses, bpbs = [r.score_loss for r in runs], [r.score_bpb for r in runs]  # after TTT when it ran
+    ttt_ran = art_run.ttt_val_bpb is not None
     sub = {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb,
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ") if date is None else f"{date}T00:00:00Z",
@@ -133,13 +134,20 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
         "pre_quant_val_loss": art_run.pre_val_loss, "pre_quant_val_bpb": art_run.pre_val_bpb,
         "step_stop": art_run.steps, "wallclock_seconds": round(art_run.train_seconds, 3),
         "eval_method": config["eval"]["mode"], "eval_stride": config["eval"]["stride"],
-        "seed_results": {str(r.seed): {"val_loss": r.val_loss, "val_bpb": r.val_bpb,
+        "seed_results": {str(r.seed): {"val_loss": r.score_loss, "val_bpb": r.score_bpb,
+                                       "roundtrip_val_loss": r.val_loss, "roundtrip_val_bpb": r.val_bpb,
                                        "pre_quant_val_bpb": r.pre_val_bpb, "steps": r.steps,
                                        "train_time_s": round(r.train_seconds, 3),
                                        "artifact_bytes": (r.model_bytes or 0) + bytes_code,
                                        "log": f"train_seed{r.seed}.log"} for r in runs},
         "artifact_seed": art_run.seed,
         "artifact_sha256": sha256,
+        # The records' compliance flags, set from what ran (docs/TECHNIQUES.md, "Challenge facts").
+        "compliance": {"artifact_under_16mb": bytes_code + bytes_model <= 16_000_000,
+                       "score_first_ttt": ttt_ran, "no_pre_quant_ttt": True, "three_seeds": len(runs) >= 3},
+        "ttt": ({"mode": art_run.hparams.get("ttt"), **{k: art_run.hparams.get(f"ttt_{k}")
+                                                         for k in ("chunk", "epochs", "lr", "momentum", "clip")}}
+                if ttt_ran else None),
     }
     (folder / SUBMISSION_NAME).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")
     plotted = plot_curves(runs, folder / "curves.png")
@@ -149,7 +157,7 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
             "late_qat_threshold", "matrix_bits", "embed_bits", "compressor", "eval_stride"]
     cfg_rows = [f"| {k} | {model_cfg.get(k, art_run.hparams.get(k))!r} |" for k in keys
                 if k in model_cfg or k in art_run.hparams]
-    seed_rows = [f"| {r.seed} | {r.val_loss:.8f} | {r.val_bpb:.8f} | {r.pre_val_bpb} | "
+    seed_rows = [f"| {r.seed} | {r.score_loss:.8f} | {r.score_bpb:.8f} | {r.pre_val_bpb} | "
                  f"{(r.model_bytes or 0) + bytes_code} | {r.steps} | {r.train_seconds:.1f} |" for r in runs]
     readme = [f"# {name}", "", blurb or "(no blurb)", "",
               f"Track `{track}`. val_bpb **{sub['val_bpb']:.8f}** (mean of {len(runs)} seed(s), std "

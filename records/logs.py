@@ -25,6 +25,9 @@ _STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+
 # value of each step (the entries logged past the checkpoint before the kill are dropped).
 _RESUME = re.compile(r"^resume:from \S+ step:(\d+)")
 _SHA256 = re.compile(r"^artifact_sha256:([0-9a-f]{64})\b")
+# Score-first TTT (hybrid/ttt.py) after the plain round trip: its score is the run's final score.
+_TTT_FINAL = re.compile(r"^final_int\d+_\w+?_roundtrip_ttt_exact val_loss:(\S+) val_bpb:(\S+)")
+_TTT = re.compile(r"^ttt mode:(\S+) ")
 _CODE_MODULES = re.compile(r"^code_modules:(\S*)$")
 
 
@@ -53,6 +56,9 @@ class RunLog:
     stopped_early: bool = False
     resumed_at: list = field(default_factory=list)  # the step of each resume:from line
     artifact_sha256: str | None = None
+    ttt_mode: str = "off"
+    ttt_val_loss: float | None = None
+    ttt_val_bpb: float | None = None
 
     @property
     def seed(self) -> int:
@@ -66,6 +72,15 @@ class RunLog:
     def train_seconds(self) -> float:
         times = [t for *_, t in self.train] + [t for *_, t in self.val]
         return max(times) / 1000.0 if times else 0.0
+
+    @property
+    def score_loss(self) -> float:
+        """The run's final score: after test-time training when it ran, else the plain round trip."""
+        return self.ttt_val_loss if self.ttt_val_loss is not None else self.val_loss
+
+    @property
+    def score_bpb(self) -> float:
+        return self.ttt_val_bpb if self.ttt_val_bpb is not None else self.val_bpb
 
     @property
     def final_line(self) -> str:
@@ -104,6 +119,10 @@ def parse_log(path) -> RunLog:
             r.eval_mode = m.group(1)
         elif _STOP.match(line):
             r.stopped_early = True
+        elif m := _TTT_FINAL.match(line):
+            r.ttt_val_loss, r.ttt_val_bpb = float(m.group(1)), float(m.group(2))
+        elif m := _TTT.match(line):
+            r.ttt_mode = m.group(1)
         elif m := _SHA256.match(line):
             r.artifact_sha256 = m.group(1)
         elif m := _RESUME.match(line):

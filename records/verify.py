@@ -173,8 +173,8 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
           f"vs files {model_bytes} / {code + model_bytes}")
     check(art_log.artifact_sha256 == sha256,
           f"artifact_sha256: {art_log.path.name} logged {art_log.artifact_sha256} vs {artifact.name} {sha256}")
-    mean_loss = sum(r.val_loss for r in logs) / len(logs)
-    mean_bpb = sum(r.val_bpb for r in logs) / len(logs)
+    mean_loss = sum(r.score_loss for r in logs) / len(logs)  # the final scores: after TTT when it ran
+    mean_bpb = sum(r.score_bpb for r in logs) / len(logs)
     check(_close(sub.get("val_bpb"), mean_bpb, rel_tol),
           f"val_bpb: submission.json {sub.get('val_bpb')!r} vs mean of logs {mean_bpb:.8f}")
     check(_close(sub.get("val_loss"), mean_loss, rel_tol),
@@ -190,10 +190,10 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
     results = sub.get("seed_results") if isinstance(sub.get("seed_results"), dict) else {}
     for r in logs:
         got = results.get(str(r.seed)) if isinstance(results.get(str(r.seed)), dict) else {}
-        check(_close(got.get("val_bpb"), r.val_bpb, rel_tol) and _close(got.get("val_loss"), r.val_loss, rel_tol)
+        check(_close(got.get("val_bpb"), r.score_bpb, rel_tol) and _close(got.get("val_loss"), r.score_loss, rel_tol)
               and (r.pre_val_bpb is None or _close(got.get("pre_quant_val_bpb"), r.pre_val_bpb, rel_tol)),
               f"seed_results[{r.seed}]: submission.json {got.get('val_loss')!r}/{got.get('val_bpb')!r}/"
-              f"{got.get('pre_quant_val_bpb')!r} vs {r.path.name} {r.val_loss}/{r.val_bpb}/{r.pre_val_bpb}")
+              f"{got.get('pre_quant_val_bpb')!r} vs {r.path.name} {r.score_loss}/{r.score_bpb}/{r.pre_val_bpb}")
     if max_train_seconds is None:
         max_train_seconds = 600.0 if sub.get("track", "10min_16mb") == "10min_16mb" else 0.0
     if max_train_seconds > 0:
@@ -230,6 +230,47 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
     check(_close(res.val_loss, art_log.val_loss, rel_tol),
           f"val_loss: re-evaluated {res.val_loss:.8f} vs {art_log.path.name} {art_log.val_loss:.8f}")
     per_seed = results.get(seed) if isinstance(results.get(seed), dict) else {}
-    check(_close(res.val_bpb, per_seed.get("val_bpb"), rel_tol),
-          f"val_bpb: re-evaluated {res.val_bpb:.8f} vs submission.json seed_results[{seed}] {per_seed.get('val_bpb')}")
+    if art_log.ttt_val_bpb is None:
+        check(_close(res.val_bpb, per_seed.get("val_bpb"), rel_tol),
+              f"val_bpb: re-evaluated {res.val_bpb:.8f} vs submission.json seed_results[{seed}] {per_seed.get('val_bpb')}")
+        return failures
+    # The run's score came after score-first TTT: run the same TTT again on a copy of the artifact's
+    # model and compare (exact on the run's device and world size; other world sizes differ by rounding).
+    compliance = sub.get("compliance") if isinstance(sub.get("compliance"), dict) else {}
+    check(compliance.get("score_first_ttt") is True, f"compliance.score_first_ttt: submission.json "
+          f"{compliance.get('score_first_ttt')!r} vs the log's TTT evaluation")
+    try:
+        tres = evaluate_model_ttt(model, ecfg, cfg["hparams"], data_path, tokenizer_path)
+    except (OSError, ValueError) as exc:
+        check(False, f"ttt evaluation: {exc}")
+        return failures
+    echo(f"re-evaluated ttt val_loss:{tres.val_loss:.8f} val_bpb:{tres.val_bpb:.8f}")
+    check(_close(tres.val_bpb, art_log.ttt_val_bpb, rel_tol),
+          f"ttt val_bpb: re-evaluated {tres.val_bpb:.8f} vs {art_log.path.name} {art_log.ttt_val_bpb:.8f}")
+    check(_close(tres.val_bpb, per_seed.get("val_bpb"), rel_tol),
+          f"ttt val_bpb: re-evaluated {tres.val_bpb:.8f} vs submission.json seed_results[{seed}] "
+          f"{per_seed.get('val_bpb')}")
     return failures
+
+
+def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tokenizer_path: str):
+    """The run's score-first TTT evaluation (hybrid/ttt.py) of a copy of `model`, with its settings."""
+    import copy
+
+    import torch
+
+    from data.bpb import build_byte_luts, load_tokenizer
+    from data.shards import load_validation_tokens
+    from hybrid.ttt import evaluate_ttt
+
+    device = next(model.parameters()).device
+    sp = load_tokenizer(tokenizer_path, eval_cfg["vocab_size"])
+    luts = build_byte_luts(sp, eval_cfg["vocab_size"], device)
+    tokens = load_validation_tokens(os.path.join(data_path, "fineweb_val_*.bin"), eval_cfg["seq_len"],
+                                    eval_cfg["val_max_tokens"])
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    res, _ = evaluate_ttt(copy.deepcopy(model), tokens, eval_cfg["seq_len"], eval_cfg["stride"], luts,
+                          eval_cfg["batch_seqs"], device, 0, 1, autocast, chunk_tokens=int(hparams["ttt_chunk"]),
+                          epochs=int(hparams["ttt_epochs"]), lr=float(hparams["ttt_lr"]),
+                          momentum=float(hparams["ttt_momentum"]), grad_clip=float(hparams["ttt_clip"]))
+    return res

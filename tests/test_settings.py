@@ -45,6 +45,10 @@ BAD = [
     ({"TRAIN_BATCH_TOKENS": "1000"}, "TRAIN_BATCH_TOKENS"),
     ({"RESUME": "/nonexistent/ckpt.pt"}, "RESUME"),
     ({"LAYER_PATTERN": "TTXF"}, "layer_pattern"),  # the model config's own check, named by field
+    ({"TTT": "lora"}, "TTT"),
+    ({"TTT": "sgd", "TTT_MOMENTUM": "1.5"}, "TTT_MOMENTUM"),
+    ({"TTT": "sgd", "TTT_CHUNK": "0"}, "TTT_CHUNK"),
+    ({"TTT": "sgd", "ARCH": "rwkv7", "EVAL_MODE": "stateful"}, "TTT"),
 ]
 
 

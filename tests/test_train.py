@@ -150,3 +150,31 @@ def test_rwkv7_run_with_stateful_evaluation(tmp_path, sample_corpus):
     assert ROUNDTRIP.search(log)
     proc, _ = run_trainer(tmp_path, "hybrid_state", {"ITERATIONS": 3, "EVAL_MODE": "stateful"}, check=False)
     assert proc.returncode != 0 and "stateful" in proc.stderr
+
+
+def test_ttt_run_scores_after_the_round_trip_and_verify_reruns_it(tmp_path, sample_corpus):
+    """TTT=sgd: the plain round trip is logged, then the score-first TTT score on a copy of the
+    reloaded model; the artifact is the one the run logged; a record of it verifies, TTT re-run."""
+    import hashlib
+    import json
+
+    from records.folder import new_record
+    from records.logs import parse_log
+    from records.verify import verify_folder
+
+    data_dir, tokenizer = sample_corpus
+    env = {"ITERATIONS": 6, "WARMDOWN_ITERS": 2, "TTT": "sgd", "TTT_CHUNK": 2048, "TTT_EPOCHS": 1, "TTT_LR": 0.01,
+           "EVAL_PREQUANT": 0, "DATA_PATH": data_dir, "TOKENIZER_PATH": tokenizer}
+    _, log = run_trainer(tmp_path, "ttt", env)
+    run = parse_log(tmp_path / "logs" / "ttt.txt")
+    assert run.ttt_mode == "sgd" and run.ttt_val_bpb is not None and run.score_bpb == run.ttt_val_bpb
+    assert re.search(r"^ttt mode:sgd chunk:2048 epochs:1 .* chunks:(\d+) trained_chunks:(\d+) ", log, re.M)
+    artifact = tmp_path / "logs" / "ttt.ptz"
+    assert hashlib.sha256(artifact.read_bytes()).hexdigest() == run.artifact_sha256  # TTT never touches it
+    folder = new_record("TTT", [tmp_path / "logs" / "ttt.txt"], artifact, date="2026-01-04", records_dir=tmp_path)
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["compliance"]["score_first_ttt"] is True and sub["ttt"]["chunk"] == 2048
+    assert sub["val_bpb"] == pytest.approx(run.ttt_val_bpb, abs=1e-8)
+    lines = []
+    assert verify_folder(folder, str(data_dir), str(tokenizer), echo=lines.append) == [], "\n".join(lines)
+    assert any(line.startswith("ok    ttt val_bpb: re-evaluated") for line in lines)
