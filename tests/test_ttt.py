@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -39,24 +38,7 @@ CPU = torch.device("cpu")
 SEQ, STRIDE, BATCH = 32, 8, 4
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    yield
-    torch.set_num_threads(before)
-
-
-def make_luts(vocab: int = V):
-    g = torch.Generator().manual_seed(3)
-    return SimpleNamespace(base_bytes=torch.randint(0, 4, (vocab,), dtype=torch.int16, generator=g),
-                           has_leading_space=torch.rand(vocab, generator=g) < 0.5,
-                           is_boundary=torch.arange(vocab) < 2)
-
-
-def make_tokens(n: int, seed: int = 1) -> torch.Tensor:
-    return torch.randint(0, V, (n,), generator=torch.Generator().manual_seed(seed))
+from tests.test_eval import _one_thread, make_luts, make_tokens  # noqa: E402,F401  (the same V = 64; fixture)
 
 
 def tiny(pattern: str = "TWTF", randomize: bool = True, **kw) -> HybridGPT:
