@@ -38,9 +38,9 @@ from data.bpb import build_byte_luts, load_tokenizer
 from data.loader import DistributedTokenLoader
 from data.shards import ShardError, load_validation_tokens
 from hybrid.checkpoint import resolve_resume, restore_training, save_final_weights, write_checkpoint
-from hybrid.config import ARCH_DEFAULTS, ModelConfig
-from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate, evaluate_stateful
-from hybrid.model import HybridGPT, check_stateful, expert_load_summary, named_model_preset
+from hybrid.config import ARCH_DEFAULTS, ModelConfig, model_config_from
+from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate
+from hybrid.model import HybridGPT, check_stateful, expert_load_summary
 from hybrid.optim import EMA, Muon, build_optimizers
 from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
 from hybrid.settings import TTT_MODES, SettingError, check_explicit, check_settings, parse_setting, setting_name
@@ -212,17 +212,7 @@ class Hyperparameters:
     log_dir: str = field(default="logs", metadata={"help": "folder of logs/<run_id>.txt"})
 
     def model_config(self) -> ModelConfig:
-        base = dict(ARCH_DEFAULTS[self.arch])
-        for f in fields(ModelConfig):
-            value = getattr(self, f.name, None)
-            if value is None or _unset(value):
-                continue
-            base[f.name] = bool(value) if isinstance(f.default, bool) else value
-        return ModelConfig(**base)
-
-
-def _unset(value) -> bool:
-    return value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+        return model_config_from(self.arch, asdict(self))
 
 
 # Training recipe per architecture. The hybrid takes the field defaults above: the 11-layer records'
@@ -406,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 2
     if h.preset in SEED_PRESETS:  # full-size seed models: counted on the meta device, never trained
-        r = named_model_preset(h.preset)
+        from hybrid.presets import model_preset_report  # counted on the meta device, never trained
+
+        r = model_preset_report(h.preset)
         print(f"preset:{r.name} total_params:{r.total_params} active_params:{r.active_params}\n{r.description}")
         return 0
     rt = setup_runtime()
@@ -548,7 +540,9 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
 
     def validate(stride: int, fn=None, mode: str = "sliding") -> "EvalResult":
         if mode == "stateful":
-            return evaluate_stateful(fn or state_fn, val_tokens, h.train_seq_len, luts, h.eval_batch_seqs, device,
+            from hybrid.stateful import stateful_evaluate  # lazy: only stateful runs count this code
+
+            return stateful_evaluate(fn or state_fn, val_tokens, h.train_seq_len, luts, h.eval_batch_seqs, device,
                                      rt.rank, rt.world_size, autocast, warmup=h.eval_warmup)
         return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
                         rt.rank, rt.world_size, autocast, tail_logits=True)

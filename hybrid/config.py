@@ -28,13 +28,13 @@ Named architectures (ARCH_DEFAULTS): "hybrid", "gpt" (the naive baseline), "rwkv
 channel-mix 2.5x) and "moe" (MOE_PRESETS["golf"]'s FFNs on the hybrid's mixers: 11 × 512, dense layer
 0, 4 routed experts of 192 top-1 + 1 shared of 256 in layers 1-10; 21,284,896 params, 15,386,656
 active per token). Both golf sizes were fitted by a measured pack (docs/PERF.md). The full-size seeds (rize, rish, rwkv7-191m) stay in their modules;
-hybrid.model.named_model_preset counts them on the meta device.
+hybrid.presets.model_preset_report counts them on the meta device.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 # hybrid.moe / hybrid.rwkv7 / hybrid.wkv7 are imported only where a config uses them: a run's code
 # bytes count the modules it imports (quant/budget.py), so a hybrid run must not load them.
@@ -386,3 +386,22 @@ ARCH_DEFAULTS: dict[str, dict] = {
     "rwkv7": {**asdict(ModelConfig()), **_RWKV7_OVERRIDES},
     "moe": {**asdict(ModelConfig()), **_MOE_OVERRIDES},
 }
+
+
+def _unset(value) -> bool:
+    """The trainer's "not given" marks: "" for strings, a negative number for counts and sizes."""
+    return value is None or value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+
+
+def model_config_from(arch: str, values: dict) -> ModelConfig:
+    """The ModelConfig of an `arch` run whose settings are `values` (train_gpt.Hyperparameters as a
+    dict, or the hparams a log or checkpoint saved): the arch's defaults, then every model field that
+    is set. The one place the trainer, `records merge` and `records verify` turn settings into a model."""
+    if arch not in ARCH_DEFAULTS:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCH_DEFAULTS)}")
+    base = dict(ARCH_DEFAULTS[arch])
+    for f in fields(ModelConfig):
+        value = values.get(f.name)
+        if not _unset(value):
+            base[f.name] = bool(value) if isinstance(f.default, bool) else value
+    return ModelConfig(**base)

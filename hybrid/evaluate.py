@@ -15,7 +15,7 @@ Eval modes (the trainer's EVAL_MODE):
   tokens, each starting with no context (a final window ends at the last target and scores only the
   targets no earlier window did).
   In both, windows are split contiguously across ranks; the score does not depend on world_size.
-- "stateful" (`evaluate_stateful`, code in hybrid/stateful.py, imported on use; models whose every
+- "stateful" (hybrid/stateful.py `stateful_evaluate`, imported by the runs that use it; models whose every
   sequence mixer is recurrent: R and T layers, e.g. `--arch rwkv7`): the targets are cut into
   world_size × lanes contiguous spans of equal length (±1); each span is read in consecutive chunks
   with the recurrent state carried from chunk to chunk, so a target is scored with everything of its
@@ -219,14 +219,3 @@ def lane_plan(num_targets: int, num_lanes: int, warmup: int = 0) -> list[tuple[i
     warmup) and scores targets [score_start, end)."""
     bounds = [num_targets * i // num_lanes for i in range(num_lanes + 1)]
     return [(max(0, a - warmup), a, b) for a, b in pairwise(bounds)]
-
-
-def evaluate_stateful(step_fn, tokens: Tensor, chunk_len: int, luts: ByteLuts, lanes: int,
-                      device: torch.device, rank: int = 0, world_size: int = 1, autocast=None,
-                      warmup: int = 0) -> EvalResult:
-    """The "stateful" mode (module docstring; hybrid/stateful.py). Imported on use, so only a run that
-    evaluates this way carries (and counts) that code."""
-    from hybrid.stateful import stateful_evaluate
-
-    return stateful_evaluate(step_fn, tokens, chunk_len, luts, lanes, device, rank=rank, world_size=world_size,
-                             autocast=autocast, warmup=warmup)

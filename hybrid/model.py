@@ -490,11 +490,3 @@ def expert_load_summary(stats: list[dict]) -> str:
     from hybrid.moe import moe_load_summary
 
     return moe_load_summary(stats)
-
-
-def named_model_preset(name: str):
-    """A named model's description and parameter counts, counted on the meta device (hybrid/presets.py,
-    imported on use: only a `--preset rize|rish|rwkv7-191m` call needs it)."""
-    from hybrid.presets import model_preset_report
-
-    return model_preset_report(name)

@@ -4,7 +4,7 @@ Run presets (`RUN_PRESETS`, `run_preset`): "smoke" and "tiny" change the scale o
 
 Model presets (`model_preset_report`): named full-size models, described and counted on the meta
 device without allocating them: the seeds "rize" / "rish" (hybrid/moe_presets.py) and "rwkv7-191m"
-(hybrid/rwkv7.py), and every `--arch` at its default config. `hybrid.model.named_model_preset`
+(hybrid/rwkv7.py), and every `--arch` at its default config. train_gpt.py
 imports this module on use.
 
 train_gpt.py imports this module only when a run names a preset, so a default run does not count it.

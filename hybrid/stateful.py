@@ -1,5 +1,5 @@
 """The "stateful" evaluation (hybrid/evaluate.py's module docstring), for models whose every sequence
-mixer is recurrent (R and T layers). `hybrid.evaluate.evaluate_stateful` imports this module when a
+mixer is recurrent (R and T layers). train_gpt.py imports this module (`stateful_evaluate`) when a
 run evaluates this way, so a sliding-window run neither loads nor counts it.
 """
 from __future__ import annotations

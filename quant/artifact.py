@@ -47,7 +47,7 @@ from torch import Tensor
 
 from quant.codec import available_compressors, pack_bits, unpack_bits
 from quant.budget import ARTIFACT_LIMIT
-from quant.container import (COMPRESSOR_NAMES, MIXED, PREFIX, ArtifactError, decode_section,
+from quant.container import (COMPRESSOR_NAMES, MAX_HEADER_BYTES, MIXED, PREFIX, ArtifactError, decode_section,
                              read_prefix, read_table, seal_sections, smallest_sections)
 from quant.container import MAGIC, seal  # noqa: F401  re-exported: callers import them from here
 from quant.int6 import FP16_MIN_NORMAL, dequantize_rows, qmax
@@ -60,7 +60,6 @@ FORMAT_VERSION = 2
 # the budget (FIT_BUDGET=0 experiments) and refuses decompression bombs before any inflation.
 MAX_RAW_BYTES = 4 * ARTIFACT_LIMIT
 MAX_FILE_BYTES = 4 * ARTIFACT_LIMIT
-MAX_HEADER_BYTES = 1 << 22  # a real header is ~30 kB of JSON for ~150 tensors
 MAX_TENSORS = 1 << 14
 MAX_NDIM = 8
 MAX_SECTION_NAME = 64

@@ -8,8 +8,7 @@ from __future__ import annotations
 import struct
 import zlib
 
-from quant.artifact import MAX_HEADER_BYTES
-from quant.container import PREFIX, ArtifactError, Prefix, _check_raw_len, _compressor, _decompress
+from quant.container import MAX_HEADER_BYTES, PREFIX, ArtifactError, Prefix, _check_raw_len, _compressor, _decompress
 
 
 def open_v1(blob, prefix: Prefix, source: str, max_raw_bytes: int) -> bytes:

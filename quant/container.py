@@ -36,6 +36,7 @@ COUNT = struct.Struct("<H")
 TABLE_ENTRY = struct.Struct("<BBBBIQQ")
 MIXED = 0  # prefix compressor id of a version-2 file whose sections use different compressors
 MAX_SECTIONS = 1024
+MAX_HEADER_BYTES = 1 << 22  # a real header is ~30 kB of JSON for ~150 tensors
 COMPRESSOR_NAMES = {v: k for k, v in COMPRESSORS.items()}
 
 

@@ -26,10 +26,10 @@ class MergeError(ValueError):
 
 
 def _model_config(hparams: dict, source) -> dict:
-    from train_gpt import Hyperparameters
+    from hybrid.config import model_config_from  # the trainer's own rule, without importing the trainer
 
     try:
-        return asdict(Hyperparameters(**hparams).model_config())
+        return asdict(model_config_from(str(hparams.get("arch", "hybrid")), hparams))
     except (TypeError, ValueError, KeyError) as exc:
         raise MergeError(f"{source}: hyperparameters do not give a model config: {exc}") from None
 

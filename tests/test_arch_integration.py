@@ -18,7 +18,8 @@ import torch.nn.functional as F
 
 from hybrid.config import ARCH_DEFAULTS, ModelConfig, parse_layer_pattern
 from hybrid.layers import CastedLinear
-from hybrid.model import Block, HybridGPT, RWKVBlock, expert_load_summary, named_model_preset
+from hybrid.model import Block, HybridGPT, RWKVBlock, expert_load_summary
+from hybrid.presets import model_preset_report as named_model_preset
 from hybrid.moe import MoEFFN
 from hybrid.moe_presets import MOE_PRESETS, count_active_params, param_breakdown
 from hybrid.optim import split_params

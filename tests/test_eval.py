@@ -17,11 +17,11 @@ from conftest import randomize_
 
 from data.bpb import token_bytes
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
+from hybrid.stateful import stateful_evaluate as evaluate_stateful
 from hybrid.evaluate import (
     eval_mode_tag,
     evaluate,
     evaluate_ref,
-    evaluate_stateful,
     lane_plan,
     window_batches,
     window_plan,
