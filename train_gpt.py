@@ -538,14 +538,19 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         if use_cuda:
             torch.cuda.synchronize()
 
-    def validate(stride: int, fn=None, mode: str = "sliding") -> "EvalResult":
+    def validate(stride: int, fn=None, mode: str = "sliding", desc: str = "") -> "EvalResult":
         if mode == "stateful":
             from hybrid.stateful import stateful_evaluate  # lazy: only stateful runs count this code
 
             return stateful_evaluate(fn or state_fn, val_tokens, h.train_seq_len, luts, h.eval_batch_seqs, device,
                                      rt.rank, rt.world_size, autocast, warmup=h.eval_warmup)
-        return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
-                        rt.rank, rt.world_size, autocast, tail_logits=True)
+        bar = progress_bar(rt.is_main, desc) if desc else None  # the final evaluations: a bar on rank 0's console
+        try:
+            return evaluate(fn or logits_fn, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device,
+                            rt.rank, rt.world_size, autocast, tail_logits=True, progress=bar)
+        finally:
+            if bar is not None:
+                bar.close()
 
     def validate_ttt(net, stride: int, **kw):
         from hybrid.ttt import evaluate_ttt  # lazy: only TTT runs count this code
@@ -757,7 +762,8 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, 
     mode = eval_mode_tag(h.eval_mode, h.train_seq_len, stride)
     results = {"steps": step, "train_ms": train_ms}
     if h.eval_prequant:
-        pre = validate(stride, mode=h.eval_mode)  # the compiled forward on GPUs; EMA weights are in place
+        # the compiled forward on GPUs; the EMA weights are in place
+        pre = validate(stride, mode=h.eval_mode, desc="eval prequant")
         log(f"final_prequant eval:{mode} {pre.log_fields()}")
         results["prequant"] = pre
 
@@ -802,7 +808,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, 
     fresh.eval()
     fwd = fresh.forward_logits_stateful if h.eval_mode == "stateful" else fresh.forward_logits
     fn = torch.compile(fwd, dynamic=False) if (use_cuda and h.compile != 0) else fwd
-    post = validate(stride, fn, h.eval_mode)
+    post = validate(stride, fn, h.eval_mode, desc="eval roundtrip")
     tag = f"final_int{h.matrix_bits}_{used}_roundtrip"
     log(f"{tag} eval:{mode} {post.log_fields()}")
     log(f"{tag}_exact val_loss:{post.val_loss:.8f} val_bpb:{post.val_bpb:.8f}")
@@ -822,7 +828,7 @@ def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cud
     compiled = use_cuda and h.compile != 0
     logits_fn = torch.compile(net.forward_logits, dynamic=False) if compiled else None
     loss_fn = torch.compile(net, dynamic=False) if compiled else None
-    bar = progress_bar(rt, "ttt")
+    bar = progress_bar(rt.is_main, "ttt")
     res, st = validate_ttt(net, stride, progress=bar, logits_fn=logits_fn, loss_fn=loss_fn)
     if bar is not None:
         bar.close()
@@ -854,8 +860,9 @@ class _Bar:
             self.bar.close()
 
 
-def progress_bar(rt, desc: str) -> "_Bar | None":
-    return _Bar(desc) if rt.is_main and sys.stderr.isatty() else None
+def progress_bar(is_main: bool, desc: str) -> "_Bar | None":
+    """A console progress bar on the main rank when stderr is a terminal (the log keeps key:value lines)."""
+    return _Bar(desc) if is_main and sys.stderr.isatty() else None
 
 
 def share_from_rank0(blob: bytes | None, rt: Runtime) -> bytes:
@@ -880,7 +887,11 @@ def gptq_export(h, model, precision_fn, log, hessian_diag: dict | None = None) -
     t = time.perf_counter()
     on_cuda = next(model.parameters()).is_cuda
     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda):  # sampling only: bf16 is fine
-        calib = generate_calibration(model, h.gptq_seqs, h.gptq_seq_len, h.gptq_temp, seed=h.seed, bos_id=1)
+        bar = progress_bar(True, "gptq calibration")  # rank 0 runs the export
+        calib = generate_calibration(model, h.gptq_seqs, h.gptq_seq_len, h.gptq_temp, seed=h.seed, bos_id=1,
+                                     progress=bar)
+        if bar is not None:
+            bar.close()
     quantized, method = gptq_quantize(model, calib, precision_fn, batch_size=h.gptq_batch,
                                       hessian_diag=hessian_diag)
     fallback = {k: v for k, v in method.items() if v != "gptq"}

@@ -174,7 +174,7 @@ def window_batches(windows: list[tuple[int, int, int]], stride: int,
 @torch.no_grad()
 def evaluate(logits_fn, tokens: Tensor, seq_len: int, stride: int, luts: ByteLuts, batch_seqs: int,
              device: torch.device, rank: int = 0, world_size: int = 1, autocast=None,
-             tail_logits: bool = False) -> EvalResult:
+             tail_logits: bool = False, progress=None) -> EvalResult:
     """Score every target of `tokens` (a 1-D LongTensor of the validation stream) once: sliding windows
     every `stride` tokens, or non-overlapping ones when stride >= seq_len (module docstring).
 
@@ -182,7 +182,8 @@ def evaluate(logits_fn, tokens: Tensor, seq_len: int, stride: int, luts: ByteLut
     [B, last, V], the logits of the last `last` positions only (HybridGPT.forward_logits). Batches
     have at most two shapes per call ([1, seq_len] for the first sliding window, [batch_seqs, seq_len]
     for the rest), so a torch.compile(dynamic=False) logits_fn compiles at most twice.
-    autocast: a context-manager factory or None. Equal to `evaluate_ref` up to float rounding."""
+    autocast: a context-manager factory or None. Equal to `evaluate_ref` up to float rounding.
+    progress(windows_done, windows_total) of this rank, if given, is called after each batch."""
     t0 = time.perf_counter()
     sums = torch.zeros(3, dtype=torch.float64, device=device)
     plan = window_plan(tokens.numel() - 1, seq_len, stride)
@@ -193,6 +194,7 @@ def evaluate(logits_fn, tokens: Tensor, seq_len: int, stride: int, luts: ByteLut
     lo = min(s for s, _, _ in mine)
     hi = max(s + n for s, n, _ in mine) + 1
     stream = tokens[lo:hi].to(device=device, dtype=torch.int64)  # this rank's span, moved once
+    done = 0
     for length, last, batches in window_batches(mine, stride, batch_seqs):
         starts = torch.tensor([[s - lo for s, _ in b] for b in batches], dtype=torch.int64, device=device)
         scored_from = torch.tensor([[f for _, f in b] for b in batches], dtype=torch.int64, device=device)
@@ -210,6 +212,9 @@ def evaluate(logits_fn, tokens: Tensor, seq_len: int, stride: int, luts: ByteLut
                 logits = logits[:, length - last:]
             mask = offsets[None, :] >= scored_from[i][:, None]  # (B, last)
             sums += _masked_sums(logits, x[:, length - last:], chunk[:, length - last + 1:], mask, luts)
+            if progress is not None:
+                done = min(done + len(batches[i]), len(mine))
+                progress(done, len(mine))
     return _finish(sums, world_size, t0)
 
 

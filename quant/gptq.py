@@ -167,7 +167,7 @@ def calibration_bucket(length: int, cap: int) -> int:
 @torch.no_grad()
 def generate_calibration(model, num_seqs: int = 16, seq_len: int = 512, temperature: float = 0.8,
                          seed: int = 0, bos_id: int | None = None, batch_size: int = 16,
-                         max_context: int | None = None, device=None) -> Tensor:
+                         max_context: int | None = None, device=None, progress=None) -> Tensor:
     """[num_seqs, seq_len] int64 tokens sampled from the model itself (rec:2026-03-25), on `device`
     (default: the model's). `model`: a module with `forward_logits` ([B, T] int64 -> [B, T, V]), or
     such a callable; it must be causal (logits at t independent of the tokens after t). Each sequence
@@ -184,6 +184,7 @@ def generate_calibration(model, num_seqs: int = 16, seq_len: int = 512, temperat
     num_seqs) sequences is padded with zero rows that are dropped before sampling. So the model sees
     only [min(batch_size, num_seqs), bucket] inputs, at most ceil(log2(cap)) + 1 shapes, and the
     random draws (hence the tokens, up to the rounding of the longer forwards) are the unpadded ones.
+    progress(tokens_done, tokens_total), if given, is called after each batch (a console bar).
     """
     if num_seqs < 1 or seq_len < 1 or batch_size < 1 or temperature < 0:
         raise ValueError("num_seqs, seq_len and batch_size must be >= 1 and temperature >= 0")
@@ -218,6 +219,8 @@ def generate_calibration(model, num_seqs: int = 16, seq_len: int = 512, temperat
                     probs = torch.softmax(logits / temperature, dim=-1)
                     x[:, t] = torch.multinomial(probs, 1, generator=gen)[:, 0]
             out[b0:b0 + n] = x
+            if progress is not None:
+                progress((b0 + n) * seq_len, num_seqs * seq_len)
     return out
 
 

@@ -1,6 +1,7 @@
 """hybrid/evaluate.py on CPU: the fast sliding evaluation against the reference loop, its static batch
 shapes and rank split; tail-only logits; the stateful (recurrent) evaluation against one forward over
-the whole stream, and its refusal of attention models.
+the whole stream, and its refusal of attention models; the window plan scores every target once, and
+evaluate() against a float64 hand computation of the loss and bpb.
 
 Run: python -m pytest -q tests/test_eval.py
 """
@@ -245,3 +246,69 @@ def test_eval_mode_tag():
     assert eval_mode_tag("stateful", 2048, 64) == "stateful_chunk2048"
     with pytest.raises(ValueError, match="sliding"):
         eval_mode_tag("window", 1024, 64)
+
+
+# --- window plan; evaluate() against a float64 hand computation --------------------------------
+
+@pytest.mark.parametrize("n", [1, 5, 63, 64, 65, 200, 1000, 1023])
+@pytest.mark.parametrize("seq_len,stride", [(64, 64), (64, 16), (64, 7), (64, 1), (32, 100)])
+def test_window_plan_scores_every_target_once(n, seq_len, stride):
+    counts = [0] * n
+    for start, length, scored_from in window_plan(n, seq_len, stride):
+        assert 0 <= start and start + length <= n and length <= seq_len
+        for i in range(start + scored_from, start + length):
+            counts[i] += 1
+        if stride < seq_len and start > 0:  # later windows keep at least seq_len - stride context
+            assert scored_from >= seq_len - stride
+    assert counts == [1] * n
+
+
+class BigramLM(torch.nn.Module):
+    """A model whose logit at t depends on tokens t and t-1 only; enough to check the plumbing."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.a = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+        self.b = torch.nn.Parameter(torch.randn(vocab, vocab, generator=g))
+
+    def forward_logits(self, x):
+        prev = torch.cat([x[:, :1], x[:, :-1]], dim=1)
+        first = torch.zeros_like(x, dtype=torch.bool)
+        first[:, 0] = True  # at a window's first position there is no previous token
+        return self.a[x] + torch.where(first[..., None], 0.0, self.b[prev])
+
+
+def test_evaluate_matches_float64_hand_computation():
+    vocab = 11
+    luts = SimpleNamespace(base_bytes=torch.randint(0, 4, (vocab,), dtype=torch.int16),
+                           has_leading_space=torch.rand(vocab) < 0.5,
+                           is_boundary=torch.arange(vocab) < 2)
+    tokens = torch.randint(0, vocab, (301,), generator=torch.Generator().manual_seed(1))
+    model = BigramLM(vocab)
+    for seq_len, stride in [(32, 32), (32, 8), (50, 3)]:
+        res = evaluate(model.forward_logits, tokens, seq_len, stride, luts, 4, torch.device("cpu"))
+        nll, nbytes = 0.0, 0
+        for start, length, scored_from in window_plan(300, seq_len, stride):
+            x = tokens[start:start + length]
+            logits = model.forward_logits(x[None])[0].double()
+            for j in range(scored_from, length):
+                y = int(tokens[start + j + 1])
+                nll -= torch.log_softmax(logits[j], -1)[y].item()
+                p = int(x[j])
+                nbytes += int(luts.base_bytes[y]) + int(bool(luts.has_leading_space[y]) and not bool(luts.is_boundary[p]))
+        assert res.tokens == 300 and res.bytes == nbytes
+        assert res.val_loss == pytest.approx(nll / 300, rel=1e-6)
+        assert res.val_bpb == pytest.approx(nll / (math.log(2) * nbytes), rel=1e-6)
+
+
+def test_progress_reports_every_window_once_and_ends_complete():
+    model, tokens, luts = tiny("TWTF"), make_tokens(300), make_luts()
+    calls = []
+    plain = evaluate(model.forward_logits, tokens, 32, 8, luts, 4, CPU, tail_logits=True)
+    res = evaluate(model.forward_logits, tokens, 32, 8, luts, 4, CPU, tail_logits=True,
+                   progress=lambda done, total: calls.append((done, total)))
+    assert res.val_loss == plain.val_loss  # the callback changes nothing
+    total = len(window_plan(tokens.numel() - 1, 32, 8))
+    assert calls[-1] == (total, total) and all(t == total for _, t in calls)
+    assert [d for d, _ in calls] == sorted(d for d, _ in calls) and len(calls) > 2

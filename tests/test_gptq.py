@@ -367,3 +367,12 @@ def test_gptq_quantize_reports_fallbacks():
                       "unused.weight": "rtn: its module was never called (a fused or grouped kernel bypassed it)"}
     for name in ("emb.weight", "unused.weight"):
         assert torch.equal(quantized[name][0], quantize_rows(model.state_dict()[name], 6)[0])
+
+
+def test_generate_calibration_progress_counts_tokens():
+    model, _ = tiny_model()
+    calls = []
+    out = generate_calibration(model, num_seqs=5, seq_len=6, seed=7, batch_size=2,
+                               progress=lambda done, total: calls.append((done, total)))
+    assert torch.equal(out, generate_calibration(model, num_seqs=5, seq_len=6, seed=7, batch_size=2))
+    assert calls == [(12, 30), (24, 30), (30, 30)]
