@@ -125,6 +125,7 @@ class Hyperparameters:
     rope_dims: int = field(default=-1, metadata={"help": "head dims rotated by RoPE"})
     rope_base: float = field(default=-1.0, metadata={"help": "RoPE base"})
     qk_gain_init: float = field(default=-1.0, metadata={"help": "initial per-head query gain"})
+    qk_norm_gain: int = field(default=-1, metadata={"help": "learned gains on the q/k RMS norms (0/1)"})
     xsa_last: int = field(default=-1, metadata={"help": "XSA on the last N attention layers"})
     ve_layers: str = field(default="", metadata={"help": "value-embedding layers: comma list, 'none', "
                                                          "or empty for the arch default"})

@@ -72,7 +72,7 @@ BITS = (lambda v: 2 <= v <= 8, "an integer width in 2..8")
 OPTIONAL_BITS = (lambda v: v == 0 or 2 <= v <= 8, "0 (same as MATRIX_BITS) or a width in 2..8")
 
 # 0/1 switches stored as ints (parse_setting also takes true/false, yes/no, on/off for them).
-SWITCHES = frozenset({"bitpack", "gptq", "fit_budget", "smear", "ln_scale", "unet_skips", "ortho_init",
+SWITCHES = frozenset({"bitpack", "gptq", "fit_budget", "smear", "ln_scale", "unet_skips", "ortho_init", "qk_norm_gain",
                       "moe_shared_gate", "moe_norm_topk", "moe_bias_balancing"})
 
 # Range of each numeric run, optimizer and export field. Model fields with a -1 "arch default"

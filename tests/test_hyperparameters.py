@@ -31,3 +31,16 @@ def test_help_lists_env_names():
                          env=dict(os.environ), timeout=120)
     assert out.returncode == 0
     assert "--matrix-lr" in out.stdout and "MATRIX_LR" in out.stdout and "LAYER_PATTERN" in out.stdout
+
+
+def test_every_model_field_is_settable_from_the_environment():
+    import dataclasses
+
+    import train_gpt
+    from hybrid.config import ModelConfig
+
+    missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in train_gpt.Hyperparameters.__dataclass_fields__]
+    assert not missing, f"model fields without an env variable/flag: {missing}"
+    h = train_gpt.resolve_hyperparameters(["--preset", "tiny"], env={"QK_NORM_GAIN": "0", "LOG_DIR": "/tmp"})
+    assert h.model_config().qk_norm_gain is False
+    assert train_gpt.resolve_hyperparameters(["--preset", "tiny"], env={"LOG_DIR": "/tmp"}).model_config().qk_norm_gain
