@@ -11,6 +11,11 @@ round-trip score is not repeated, so an interrupted A/B continues where it stopp
 two processes at once with one thread each (on a 2-core machine that is faster in total than one
 process with two threads, and the runs do not thrash each other).
 
+`--sweep VAR=v1,v2,...` tunes one setting per arm first (each arm runs every value on the first
+seed; the lowest round-trip val_loss wins and its run counts as that arm's first seed), so no arm
+loses to a bad recipe. `--equal-time` gives every arm the first arm's estimated H100 time
+(bench/h100_time.py) by scaling its ITERATIONS and WARMDOWN_ITERS.
+
 Output: per run and per arm (mean ± sample std over seeds) the round-trip val_bpb, the pre-quant
 val_bpb, the quantization gap, model and code bytes, steps and training time; then each later arm
 against the first with `records compare`'s one-sided Welch t-test on val_loss (nats) at margin 0
@@ -36,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -142,6 +148,37 @@ def equal_time_plan(arms: dict[str, dict[str, str]], common: dict[str, str], pre
     return plan
 
 
+def run_sweep(spec: str, arms: dict, common: dict, extra: dict, plan: dict, seed: int, out: Path, preset: str,
+              jobs: int, threads: int) -> dict:
+    """--sweep VAR=v1,v2,...: every arm runs once per value on `seed` (run id <arm>__<VAR><v>); the
+    value with the lowest round-trip val_loss is written into the arm's settings (so no arm loses to a
+    bad recipe) and its run is copied to <arm>_s<seed>, which the main runs then reuse. Returns
+    {arm: {"var", "values": {v: val_loss}, "best"}}; prints one line per arm."""
+    var, sep, values = spec.partition("=")
+    values = [v for v in values.split(",") if v]
+    if not sep or not var.isupper() or len(values) < 2:
+        raise SystemExit(f"--sweep {spec!r}: write VAR=v1,v2[,...] (upper-case name, two values or more)")
+    runs = {(name, v): f"{name}__{var.lower()}{v}" for name in arms for v in values}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        futures = {key: pool.submit(run_one, out, rid, seed, {**common, **arms[key[0]], **extra.get(key[0], {}),
+                                                               var: key[1]}, preset, threads,
+                                    plan[key[0]]["iterations"] if plan else None)
+                   for key, rid in runs.items()}
+        logs = {key: fut.result() for key, fut in futures.items()}
+    result = {}
+    for name in arms:
+        losses = {v: parse_log(logs[(name, v)]).val_loss for v in values}
+        best = min(values, key=lambda v: losses[v])
+        arms[name] = {**arms[name], var: best}
+        for suffix in (".txt", ".ptz"):
+            src = logs[(name, best)].with_suffix(suffix)
+            if src.exists():
+                shutil.copyfile(src, out / f"{name}_s{seed}{suffix}")
+        result[name] = {"var": var, "values": losses, "best": best}
+        print(f"sweep: {name}: " + " ".join(f"{var}={v}:{losses[v]:.4f}" for v in values) + f" -> {best}", flush=True)
+    return result
+
+
 def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
     runs = {}
     for (name, seed), path in logs.items():
@@ -190,6 +227,9 @@ def markdown(summary: dict) -> str:
         out.append(f"| {name} | {a['n']} | {f(m, '.4f')} ± {f(s, '.4f')} | {f(a['pre_bpb'][0], '.4f')} | "
                    f"{f(a['gap'][0], '+.4f')} | {f(a['model_bytes'][0], ',.0f')} | "
                    f"{f(a.get('est_h100_ms'), '.2f')} |")
+    for name, sw in summary.get("sweep", {}).items():
+        out += ["", f"sweep {name}: " + ", ".join(f"{sw['var']}={v}: val_loss {l:.4f}" for v, l in sw["values"].items())
+                + f" -> {sw['best']}"]
     for t in summary["tests"]:
         out += ["", f"{t['new']} vs {t['base']}, margin {t['margin']} nats:", "```", *t["lines"], "```"]
     return "\n".join(out) + "\n"
@@ -225,6 +265,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--out", default="runs/ab")
     ap.add_argument("--jobs", type=int, default=1, help="runs at once (each with 1 thread when > 1)")
+    ap.add_argument("--sweep", default="",
+                    help="VAR=v1,v2,...: tune VAR per arm on the first seed first (the lowest round-trip val_loss "
+                         "wins), then run every seed of the arm at its winner")
     ap.add_argument("--equal-time", action="store_true",
                     help="scale each arm's ITERATIONS (and WARMDOWN_ITERS) to the first arm's estimated H100 time")
     a = ap.parse_args(argv)
@@ -250,8 +293,9 @@ def main(argv: list[str] | None = None) -> int:
               f"WARMDOWN_ITERS={p['warmdown_iters']}", flush=True)
     extra = {name: {"ITERATIONS": str(p["iterations"]), "WARMDOWN_ITERS": str(p["warmdown_iters"])}
              for name, p in plan.items()}
-    jobs = [(name, seed) for seed in seeds for name in arms]  # seed-major: early results cover every arm
     threads = 1 if a.jobs > 1 else 0
+    sweep = run_sweep(a.sweep, arms, common, extra, plan, seeds[0], out, a.preset, a.jobs, threads) if a.sweep else {}
+    jobs = [(name, seed) for seed in seeds for name in arms]  # seed-major: early results cover every arm
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         futures = {job: pool.submit(run_one, out, job[0], job[1], {**common, **arms[job[0]], **extra.get(job[0], {})},
                                     a.preset, threads, plan[job[0]]["iterations"] if plan else None)
@@ -262,6 +306,8 @@ def main(argv: list[str] | None = None) -> int:
         summary["arms"][name]["est_h100_ms"] = est_ms[name]
     if plan:
         summary["equal_time"] = plan
+    if sweep:
+        summary["sweep"] = sweep
     summary["command"] = " ".join([sys.executable.split("/")[-1], "-m", "bench.ab"] + (argv or sys.argv[1:]))
     text = markdown(summary)
     print(text)

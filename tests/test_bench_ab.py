@@ -41,3 +41,20 @@ def test_tiny_ab_runs_every_arm_and_seed_and_resumes(tmp_path, sample_corpus):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")}
     assert main(argv) == 0  # finished runs are not repeated
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")} == before
+
+
+def test_sweep_tunes_each_arm_on_the_first_seed_and_reuses_the_winner(tmp_path, sample_corpus):
+    out = tmp_path / "ab"
+    argv = ["--out", str(out), "--preset", "tiny", "--seeds", "1", "--arm", "a: MLP_MULT=2",
+            "--sweep", "MATRIX_LR=0.0,0.05", "--env", "ITERATIONS=4 VAL_MAX_TOKENS=2048 GPTQ=0 TRAIN_LOG_EVERY=1"]
+    assert main(argv) == 0
+    summary = json.loads((out / "ab.json").read_text())
+    sweep = summary["sweep"]["a"]
+    losses = {v: parse_log(out / f"a__matrix_lr{v}_s1.txt").val_loss for v in ("0.0", "0.05")}
+    assert sweep["values"] == losses and sweep["best"] == min(losses, key=losses.get)
+    assert sweep["best"] == "0.05"  # four steps with a frozen Muon group cannot beat a real rate
+    assert summary["runs"]["a_s1"]["val_loss"] == losses[sweep["best"]]  # the winner's run, not a rerun
+    assert sorted(p.name for p in out.glob("*.txt")) == ["a__matrix_lr0.05_s1.txt", "a__matrix_lr0.0_s1.txt",
+                                                        "a_s1.txt"]
+    with pytest.raises(SystemExit, match="two values"):
+        main(argv[:-4] + ["--sweep", "MATRIX_LR=0.1"])
