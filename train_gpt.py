@@ -633,7 +633,6 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
         if max_ms > 0 and clock_ms >= max_ms and stop_after_step is None:
             stop_after_step = step  # the same step on every rank (one step past the cap at most)
     check_finite(bad_step, last_checkpoint, rt.distributed)
-    check_replicas(model, rt, log)
     if use_cuda:
         log(f"peak_memory_allocated:{torch.cuda.max_memory_allocated() // 2**20}MiB "
             f"reserved:{torch.cuda.max_memory_reserved() // 2**20}MiB")
@@ -642,6 +641,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
     final = (resume_path if finished else
              save_final_weights(h, rt, checkpoint_dir, model, ema, loader, step, train_ms, qat_on, log))
     try:
+        check_replicas(model, rt, log)  # after the save: rank 0's weights are on disk whatever it finds
         return finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, validate_ttt)
     except Exception as exc:
         log(f"error: {type(exc).__name__} after training: {exc}")
