@@ -90,6 +90,13 @@ class Hyperparameters:
     ttt_lr: float = field(default=0.002, metadata={"help": "TTT: SGD learning rate at the first chunk (cosine to 0)"})
     ttt_momentum: float = field(default=0.9, metadata={"help": "TTT: SGD momentum"})
     ttt_clip: float = field(default=1.0, metadata={"help": "TTT: gradient-norm clip (0: off)"})
+    ttt_lora_rank: int = field(default=8, metadata={"help": "TTT=lora: adapter rank (per document, reset at BOS)"})
+    ttt_lora_alpha: float = field(default=16.0, metadata={"help": "TTT=lora: adapter scale alpha / rank"})
+    ttt_lora_lr: float = field(default=0.001, metadata={"help": "TTT=lora: Adam lr of the adapters"})
+    ttt_lora_chunk: int = field(default=256, metadata={"help": "TTT=lora: tokens scored, then trained on, per step"})
+    ttt_lora_docs: int = field(default=8, metadata={"help": "TTT=lora: documents per batch"})
+    ttt_lora_targets: str = field(default="attn,head", metadata={"help": "TTT=lora: adapted projections, "
+                                                                        "a comma list of attn, mixer, head"})
     train_log_every: int = field(default=200, metadata={"help": "log the train loss every N steps"})
     # --- training length and batch -------------------------------------------------------------
     iterations: int = field(default=20000, metadata={"help": "maximum number of optimizer steps"})
@@ -554,6 +561,13 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
                 bar.close()
 
     def validate_ttt(net, stride: int, **kw):
+        if h.ttt == "lora":  # per-document adapters; the base weights are never changed
+            from hybrid.ttt_lora import evaluate_ttt_lora  # lazy: only TTT=lora runs count this code
+
+            return evaluate_ttt_lora(net, val_tokens, h.train_seq_len, luts, device, rt.rank, rt.world_size, autocast,
+                                     rank_r=h.ttt_lora_rank, alpha=h.ttt_lora_alpha, lr=h.ttt_lora_lr,
+                                     chunk=h.ttt_lora_chunk, docs_per_batch=h.ttt_lora_docs,
+                                     targets=tuple(h.ttt_lora_targets.split(",")), progress=kw.get("progress"))
         from hybrid.ttt import evaluate_ttt  # lazy: only TTT runs count this code
 
         return evaluate_ttt(net, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
@@ -826,7 +840,7 @@ def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cud
     artifact, which itself stays untouched; logs `<tag>_ttt_exact` and the time it took, with a
     progress bar on rank 0's console."""
     net = copy.deepcopy(fresh)
-    compiled = use_cuda and h.compile != 0
+    compiled = use_cuda and h.compile != 0 and h.ttt == "sgd"  # lora runs eager (its adapters are hooks)
     logits_fn = torch.compile(net.forward_logits, dynamic=False) if compiled else None
     loss_fn = torch.compile(net, dynamic=False) if compiled else None
     bar = progress_bar(rt.is_main, "ttt")
@@ -834,10 +848,15 @@ def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cud
     if bar is not None:
         bar.close()
     log(f"{tag}_ttt eval:{mode} {res.log_fields()}")
-    log(f"ttt mode:{h.ttt} chunk:{h.ttt_chunk} epochs:{h.ttt_epochs} lr:{h.ttt_lr} momentum:{h.ttt_momentum} "
-        f"clip:{h.ttt_clip} chunks:{st['chunks']} trained_chunks:{st['trained_chunks']} steps:{st['steps']} "
-        f"score_time:{1000 * st['score_seconds']:.0f}ms train_time:{1000 * st['train_seconds']:.0f}ms "
-        f"time:{1000 * st['seconds']:.0f}ms")
+    if h.ttt == "lora":
+        log(f"ttt mode:lora rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} chunk:{h.ttt_lora_chunk} "
+            f"docs_per_batch:{h.ttt_lora_docs} targets:{h.ttt_lora_targets} world_size:{rt.world_size} "
+            f"docs:{st['docs']} chunks:{st['chunks']} steps:{st['steps']} time:{1000 * st['seconds']:.0f}ms")
+    else:
+        log(f"ttt mode:{h.ttt} chunk:{h.ttt_chunk} epochs:{h.ttt_epochs} lr:{h.ttt_lr} momentum:{h.ttt_momentum} "
+            f"clip:{h.ttt_clip} chunks:{st['chunks']} trained_chunks:{st['trained_chunks']} steps:{st['steps']} "
+            f"score_time:{1000 * st['score_seconds']:.0f}ms train_time:{1000 * st['train_seconds']:.0f}ms "
+            f"time:{1000 * st['seconds']:.0f}ms")
     log(f"{tag}_ttt_exact val_loss:{res.val_loss:.8f} val_bpb:{res.val_bpb:.8f}")
     log(f"ttt_gain_bpb:{res.val_bpb - post.val_bpb:+.6f}")
     return res

@@ -26,6 +26,7 @@ Training pieces
 - schedule.py    LR warmdown, Muon momentum warm-up, the late-QAT switch
 - evaluate.py    sliding-window and stateful evaluation (val_loss, val_bpb)
 - ttt.py         legal score-first test-time training at the final evaluation (TTT=sgd), loaded on use
+- ttt_lora.py    score-first per-document LoRA test-time training (TTT=lora), loaded on use
 - stateful.py    stateful evaluation driver for recurrent models
 - checkpoint.py  resumable checkpoints, the final weights saved before packing, resume checks
 

@@ -42,7 +42,8 @@ RESUME_FREE = frozenset({
     "attn_bits", "quant_clip", "sd_k_matrix", "sd_k_embed", "gptq", "gptq_seqs", "gptq_seq_len", "gptq_temp",
     "gptq_batch", "fit_budget", "artifact_path", "checkpoint_every", "checkpoint_dir", "checkpoint_keep",
     "resume", "resume_mismatch", "compile", "log_dir", "mlp_fused", "rwkv_impl", "moe_dispatch",
-    "ttt", "ttt_chunk", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_clip",
+    "ttt", "ttt_chunk", "ttt_epochs", "ttt_lr", "ttt_momentum", "ttt_clip", "ttt_lora_rank", "ttt_lora_alpha",
+    "ttt_lora_lr", "ttt_lora_chunk", "ttt_lora_docs", "ttt_lora_targets",
 })
 
 

@@ -15,7 +15,8 @@ import math
 import os
 from pathlib import Path
 
-TTT_MODES = ("off", "sgd")  # score-first test-time training (hybrid/ttt.py), checked here before training
+TTT_MODES = ("off", "sgd", "lora")  # score-first test-time training (hybrid/ttt.py, hybrid/ttt_lora.py)
+TTT_LORA_TARGETS = ("attn", "mixer", "head")  # = hybrid.ttt_lora.LORA_TARGETS (tested), checked before training
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -94,7 +95,8 @@ RULES: dict[str, tuple] = {
     "gptq_seq_len": _at_least(2), "gptq_temp": _above(0), "gptq_batch": _at_least(1),
     "checkpoint_every": _at_least(0), "checkpoint_keep": _at_least(1),
     "ttt_chunk": _at_least(1), "ttt_epochs": _at_least(0), "ttt_lr": _at_least(0), "ttt_momentum": FRACTION,
-    "ttt_clip": _at_least(0),
+    "ttt_clip": _at_least(0), "ttt_lora_rank": _at_least(1), "ttt_lora_alpha": _above(0),
+    "ttt_lora_lr": _at_least(0), "ttt_lora_chunk": _at_least(1), "ttt_lora_docs": _at_least(1),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
     # model fields (explicit values only; -1 means the arch's default)
     "num_layers": _at_least(1), "model_dim": _at_least(1), "num_heads": _at_least(1),
@@ -164,6 +166,14 @@ def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None
     if h.ttt != "off" and h.eval_mode != "sliding":
         raise SettingError(f"{setting_name('ttt')}={h.ttt!r} needs EVAL_MODE=sliding (the stateful evaluation carries "
                            f"a recurrent state across chunks that test-time training would invalidate)")
+    if h.ttt == "lora":
+        bad = [t for t in h.ttt_lora_targets.split(",") if t not in TTT_LORA_TARGETS]
+        if bad or not h.ttt_lora_targets:
+            raise SettingError(f"{setting_name('ttt_lora_targets')}={h.ttt_lora_targets!r}: a comma list of "
+                               f"{', '.join(TTT_LORA_TARGETS)}")
+        if h.ttt_lora_chunk > h.train_seq_len:
+            raise SettingError(f"{setting_name('ttt_lora_chunk')}={h.ttt_lora_chunk} is longer than TRAIN_SEQ_LEN="
+                               f"{h.train_seq_len}, the context a scored chunk is read with")
     if h.eval_stride > h.train_seq_len:
         raise SettingError(f"{setting_name('eval_stride')}={h.eval_stride} is longer than TRAIN_SEQ_LEN="
                            f"{h.train_seq_len}: windows would skip tokens; use a stride <= the window")

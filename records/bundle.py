@@ -161,8 +161,8 @@ def run_modules(hparams: dict) -> tuple[str, ...]:
         extra.append("hybrid.stateful")
     if hparams.get("preset"):
         extra.append("hybrid.presets")
-    if str(hparams.get("ttt", "off")) != "off":
-        extra.append("hybrid.ttt")  # score-first TTT at the final evaluation (train_gpt.validate_ttt)
+    if str(hparams.get("ttt", "off")) in ("sgd", "lora"):  # score-first TTT at the final evaluation
+        extra.append("hybrid.ttt" if hparams["ttt"] == "sgd" else "hybrid.ttt_lora")
     if int(hparams.get("fit_budget", 0) or 0):
         extra.append("quant.fit")  # the budget fit (train_gpt.finish imports it when FIT_BUDGET=1)
     return tuple(extra)

@@ -145,8 +145,9 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
         # The records' compliance flags, set from what ran (docs/TECHNIQUES.md, "Challenge facts").
         "compliance": {"artifact_under_16mb": bytes_code + bytes_model <= 16_000_000,
                        "score_first_ttt": ttt_ran, "no_pre_quant_ttt": True, "three_seeds": len(runs) >= 3},
-        "ttt": ({"mode": art_run.hparams.get("ttt"), **{k: art_run.hparams.get(f"ttt_{k}")
-                                                         for k in ("chunk", "epochs", "lr", "momentum", "clip")}}
+        "ttt": ({"mode": art_run.hparams.get("ttt"), **{k: art_run.hparams.get(f"ttt_{k}") for k in (
+                    ("lora_rank", "lora_alpha", "lora_lr", "lora_chunk", "lora_docs", "lora_targets")
+                    if art_run.hparams.get("ttt") == "lora" else ("chunk", "epochs", "lr", "momentum", "clip"))}}
                 if ttt_ran else None),
     }
     (folder / SUBMISSION_NAME).write_text(json.dumps(sub, indent=2) + "\n", encoding="utf-8")

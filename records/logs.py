@@ -28,6 +28,7 @@ _SHA256 = re.compile(r"^artifact_sha256:([0-9a-f]{64})\b")
 # Score-first TTT (hybrid/ttt.py) after the plain round trip: its score is the run's final score.
 _TTT_FINAL = re.compile(r"^final_int\d+_\w+?_roundtrip_ttt_exact val_loss:(\S+) val_bpb:(\S+)")
 _TTT = re.compile(r"^ttt mode:(\S+) ")
+_RUN = re.compile(r"^run_id:\S+ arch:\S+ preset:\S+ world_size:(\d+) ")
 _CODE_MODULES = re.compile(r"^code_modules:(\S*)$")
 
 
@@ -57,6 +58,7 @@ class RunLog:
     resumed_at: list = field(default_factory=list)  # the step of each resume:from line
     artifact_sha256: str | None = None
     ttt_mode: str = "off"
+    world_size: int = 1
     ttt_val_loss: float | None = None
     ttt_val_bpb: float | None = None
 
@@ -121,6 +123,8 @@ def parse_log(path) -> RunLog:
             r.stopped_early = True
         elif m := _TTT_FINAL.match(line):
             r.ttt_val_loss, r.ttt_val_bpb = float(m.group(1)), float(m.group(2))
+        elif m := _RUN.match(line):
+            r.world_size = int(m.group(1))
         elif m := _TTT.match(line):
             r.ttt_mode = m.group(1)
         elif m := _SHA256.match(line):

@@ -240,7 +240,7 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
     check(compliance.get("score_first_ttt") is True, f"compliance.score_first_ttt: submission.json "
           f"{compliance.get('score_first_ttt')!r} vs the log's TTT evaluation")
     try:
-        tres = evaluate_model_ttt(model, ecfg, cfg["hparams"], data_path, tokenizer_path)
+        tres = evaluate_model_ttt(model, ecfg, cfg["hparams"], data_path, tokenizer_path, art_log.world_size)
     except (OSError, ValueError) as exc:
         check(False, f"ttt evaluation: {exc}")
         return failures
@@ -253,7 +253,8 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
     return failures
 
 
-def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tokenizer_path: str):
+def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tokenizer_path: str,
+                       world_size: int = 1):
     """The run's score-first TTT evaluation (hybrid/ttt.py) of a copy of `model`, with its settings."""
     import copy
 
@@ -269,6 +270,16 @@ def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tok
     tokens = load_validation_tokens(os.path.join(data_path, "fineweb_val_*.bin"), eval_cfg["seq_len"],
                                     eval_cfg["val_max_tokens"])
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
+    if hparams.get("ttt") == "lora":  # one process batches the documents as the run's ranks did
+        from hybrid.ttt_lora import evaluate_ttt_lora
+
+        res, _ = evaluate_ttt_lora(model, tokens, eval_cfg["seq_len"], luts, device, 0, 1, autocast,
+                                   rank_r=int(hparams["ttt_lora_rank"]), alpha=float(hparams["ttt_lora_alpha"]),
+                                   lr=float(hparams["ttt_lora_lr"]), chunk=int(hparams["ttt_lora_chunk"]),
+                                   docs_per_batch=int(hparams["ttt_lora_docs"]),
+                                   targets=tuple(str(hparams["ttt_lora_targets"]).split(",")),
+                                   layout_world_size=int(world_size))
+        return res
     res, _ = evaluate_ttt(copy.deepcopy(model), tokens, eval_cfg["seq_len"], eval_cfg["stride"], luts,
                           eval_cfg["batch_seqs"], device, 0, 1, autocast, chunk_tokens=int(hparams["ttt_chunk"]),
                           epochs=int(hparams["ttt_epochs"]), lr=float(hparams["ttt_lr"]),

@@ -49,6 +49,9 @@ BAD = [
     ({"TTT": "sgd", "TTT_MOMENTUM": "1.5"}, "TTT_MOMENTUM"),
     ({"TTT": "sgd", "TTT_CHUNK": "0"}, "TTT_CHUNK"),
     ({"TTT": "sgd", "ARCH": "rwkv7", "EVAL_MODE": "stateful"}, "TTT"),
+    ({"TTT": "lora", "TTT_LORA_TARGETS": "attn,ffn"}, "TTT_LORA_TARGETS"),
+    ({"TTT": "lora", "TTT_LORA_CHUNK": "100000"}, "TTT_LORA_CHUNK"),
+    ({"TTT": "lora", "TTT_LORA_RANK": "0"}, "TTT_LORA_RANK"),
 ]
 
 
@@ -106,3 +109,10 @@ def test_valid_run_still_resolves(monkeypatch):
     monkeypatch.setenv("EMA_DECAY", "0")
     h = train_gpt.resolve_hyperparameters(["--preset", "tiny", "--smear", "no"])
     assert h.gptq == 0 and h.smear == 0 and h.ema_decay == 0.0
+
+
+def test_lora_target_list_matches_the_module():
+    from hybrid.settings import TTT_LORA_TARGETS
+    from hybrid.ttt_lora import LORA_TARGETS
+
+    assert TTT_LORA_TARGETS == LORA_TARGETS
