@@ -129,11 +129,11 @@ def adapter_targets(model: nn.Module, targets) -> list[tuple[str, CastedLinear]]
     return out
 
 
-def _ctx(autocast):
+def _lora_ctx(autocast):
     return autocast() if autocast is not None else nullcontext()
 
 
-def _sync(device: torch.device) -> None:
+def _lora_sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -261,7 +261,7 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
                 mask = pos[None, :] < (n_live.clamp(max=a + chunk) - a)[:, None]  # (D, chunk): targets of chunk c
                 going = [i < len(batch) and n_chunks[g] > c + 1 for i, g in enumerate(rows)]  # a chunk c + 1 follows
                 train = lr > 0 and any(going)
-                with torch.enable_grad() if train else torch.no_grad(), _ctx(autocast):
+                with torch.enable_grad() if train else torch.no_grad(), _lora_ctx(autocast):
                     hidden = model._trunk(x)[0][:, -chunk:]  # (D, chunk, C): the chunk's positions
                     z = F.linear(hidden, weight.to(hidden.dtype)).float()
                     if head:
@@ -299,7 +299,7 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
             h.remove()
         current.clear()
         model.train(was_training)
-    _sync(device)
+    _lora_sync(device)
     result = _finish(sums, world_size, t0)
     stats = {"docs": len(docs), "chunks": sum(n_chunks),
              "steps": sum(n - 1 for n in n_chunks) if lr > 0 else 0, "batch_steps": batch_steps,

@@ -453,3 +453,12 @@ def test_stub_decodes_to_the_source_when_run_as_a_file(tmp_path, method):
     stub.write_text(pack_source(source, method), encoding="utf-8")
     out = subprocess.run([sys.executable, str(stub), "a"], capture_output=True, text=True, check=True)
     assert out.stdout == "ok 2 True\n"
+
+
+def test_every_model_and_quant_module_bundles_together():
+    """A run counts the modules loaded in its process (in a test session: all of them), so any two
+    project modules must be bundleable side by side: no top-level name defined twice."""
+    import pkgutil
+
+    mods = tuple(f"{pkg}.{m.name}" for pkg in ("hybrid", "quant") for m in pkgutil.iter_modules([str(ROOT / pkg)]))
+    compile(bundle_source(extra=mods), "train_gpt.py", "exec")
