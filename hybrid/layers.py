@@ -170,12 +170,15 @@ class TokenShiftMix(nn.Module):
             self.mix_r.fill_(self.MIX_INIT)
             self.mix_k.fill_(self.MIX_INIT)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def lerp(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(xr, xk): the current and previous token mixed per channel (hybrid/token_mix.py reuses it)."""
         x_prev = token_shift_ref(x)
         mr = torch.sigmoid(self.mix_r.to(x.dtype))
         mk = torch.sigmoid(self.mix_k.to(x.dtype))
-        xr = mr * x + (1 - mr) * x_prev
-        xk = mk * x + (1 - mk) * x_prev
+        return mr * x + (1 - mr) * x_prev, mk * x + (1 - mk) * x_prev
+
+    def forward(self, x: Tensor) -> Tensor:
+        xr, xk = self.lerp(x)
         r = torch.sigmoid(self.w_r(xr))
         k = torch.relu(self.w_k(xk)).square()
         return r * self.w_v(k)

@@ -188,11 +188,11 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
         h = self._norm(x)
-        if self.kind == "T" and isinstance(self.mixer, TokenShiftMix):
+        if self.kind == "T" and hasattr(self.mixer, "step"):  # token_mix variants carry their own lookback
+            out, mix_state = self.mixer.step(h, mix_state)
+        elif self.kind == "T":  # the plain shift: one previous token
             out = self.mixer(h) if mix_state is None else shifted_call(self.mixer, h, mix_state)
             mix_state = h[:, -1]
-        elif self.kind == "T":
-            out, mix_state = self.mixer.step(h, mix_state)
         elif self.kind == "R":
             out, v_first, mix_state = self.mixer(h, v_first, mix_state)
         else:

@@ -205,7 +205,7 @@ class SoftShiftMix(_RKVMix):
         return self.rkv(xr, xk)
 
 
-class SiLUGateShiftMix(_RKVMix):
+class SiLUGateShiftMix(TokenShiftMix):
     """"shift" with a SiLU receptance ("shift_silu_gate"). [B, T, C] -> [B, T, C].
 
         xr, xk as "shift" (same mix_r, mix_k and init);  r = SiLU(W_r·xr) = (W_r·xr)·σ(W_r·xr)
@@ -216,23 +216,11 @@ class SiLUGateShiftMix(_RKVMix):
     RWKV-6's output gate g = SiLU(W_g·x_g) (arXiv:2404.05892). No extra parameters: with the same
     weights its output is (W_r·xr) ⊙ the "shift" output, so both start at 0 (W_v = 0)."""
 
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.mix_r = nn.Parameter(torch.empty(dim))
-        self.mix_k = nn.Parameter(torch.empty(dim))
-        self.reset_parameters()
-
-    def reset_parameters(self) -> None:
-        with torch.no_grad():
-            self.mix_r.fill_(self.MIX_INIT)
-            self.mix_k.fill_(self.MIX_INIT)
+    lookback = _RKVMix.lookback
+    step = _RKVMix.step  # the chunked stateful step of the other variants
 
     def forward(self, x: Tensor) -> Tensor:
-        x_prev = past_taps(x, 1)[1]
-        mr = torch.sigmoid(self.mix_r.to(x.dtype))
-        mk = torch.sigmoid(self.mix_k.to(x.dtype))
-        xr = mr * x + (1 - mr) * x_prev
-        xk = mk * x + (1 - mk) * x_prev
+        xr, xk = self.lerp(x)  # TokenShiftMix's parameters, init and lerp
         k = torch.relu(self.w_k(xk)).square()
         return F.silu(self.w_r(xr)) * self.w_v(k)
 
