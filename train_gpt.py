@@ -10,7 +10,7 @@ loop, packing, final evaluation.
 Hyperparameters: every field below is settable by an environment variable named as the field in
 upper case (`MATRIX_LR=0.02`, the challenge's habit) and by a flag (`--matrix-lr 0.02`); flags win
 over the environment, which wins over `--preset`, which wins over the `--arch` defaults.
-Booleans take 0/1. `python train_gpt.py --help` lists every field.
+Booleans take 0/1 (or true/false, yes/no, on/off). `python train_gpt.py --help` lists every field.
 """
 from __future__ import annotations
 
