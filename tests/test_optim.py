@@ -184,6 +184,13 @@ for step in range(3):
 opt.gather_state()  # what write_checkpoint does before saving
 torch.save({"params": [p.detach() for p in params], "opt": opt.state_dict()}, f"{out}/rank{rank}.pt")
 if world > 1:
+    # Both ranks leave the last collective before either tears the group down: a rank that destroys
+    # it while the other still talks to it aborts gloo's threads ("terminate called without an
+    # active exception"), as train_gpt.main guards against too.
+    dist.barrier()
+    del opt
+    import gc
+    gc.collect()
     dist.destroy_process_group()
 """
 

@@ -281,6 +281,7 @@ def _worker(rank: int, world: int, out: str, init: str) -> None:
                      "weights": model.state_dict()})
     torch.save(runs, f"{out}/rank{rank}.pt")
     if world > 1:
+        dist.barrier()  # no rank tears the group down while another still talks to it (gloo abort)
         dist.destroy_process_group()
 
 

@@ -329,6 +329,7 @@ def _worker(rank: int, world: int, out: str, init: str) -> None:
                                        chunk=CHUNK, docs_per_batch=3, per_token=True)
         runs.append({"res": (res.val_loss, res.val_bpb, res.tokens, res.bytes), "per_token": stats["per_token"]})
     torch.save(runs, f"{out}/rank{rank}.pt")
+    dist.barrier()  # no rank tears the group down while another still talks to it (gloo abort)
     dist.destroy_process_group()
 
 
