@@ -250,3 +250,22 @@ def test_rescore_at_the_runs_own_stride_reproduces_its_round_trip(tiny_runs):
     assert same.val_bpb == pytest.approx(run.val_bpb, rel=1e-6)
     other = rescore(d / "s1.txt", int(run.hparams["train_seq_len"]))  # non-overlapping windows
     assert other.tokens == same.tokens and other.val_bpb != same.val_bpb
+
+
+def test_rescore_with_ttt_at_lr_0_is_the_plain_round_trip_and_checks_its_settings(tiny_runs):
+    from bench.rescore import main, rescore, ttt_settings
+
+    d, _ = tiny_runs
+    run = parse_log(d / "s1.txt")
+    stride = int(run.hparams["eval_stride"])
+    # lr 0: score-first SGD TTT scores exactly what the plain evaluation scores
+    res = rescore(d / "s1.txt", stride, ttt=ttt_settings("sgd", {"ttt_lr": "0", "ttt_chunk": "512"}))
+    assert res.val_bpb == pytest.approx(run.val_bpb, rel=1e-6)
+    trained = rescore(d / "s1.txt", stride, ttt=ttt_settings("sgd", {"ttt_chunk": "512", "ttt_lr": "0.01"}))
+    assert trained.tokens == res.tokens and trained.val_bpb != run.val_bpb
+    lora = rescore(d / "s1.txt", stride, ttt=ttt_settings("lora", {"ttt_lora_chunk": "32"}))
+    assert lora.tokens == res.tokens and lora.bytes == res.bytes and lora.val_bpb != run.val_bpb
+    with pytest.raises(ValueError, match="TTT_LORA_CHUNK"):  # longer than the run's windows
+        rescore(d / "s1.txt", stride, ttt=ttt_settings("lora", {"ttt_lora_chunk": "4096"}))
+    assert main([str(d / "s1.txt"), "--stride", "64", "--ttt", "sgd", "--set", "TTT_LR=-1"]) == 2
+    assert main([str(d / "s1.txt"), "--stride", "64", "--ttt", "sgd", "--set", "MATRIX_LR=1"]) == 2
