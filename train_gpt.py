@@ -38,7 +38,7 @@ from data.bpb import build_byte_luts, load_tokenizer
 from data.loader import DistributedTokenLoader
 from data.shards import ShardError, load_validation_tokens
 from hybrid.checkpoint import resolve_resume, restore_training, save_final_weights, write_checkpoint
-from hybrid.config import ARCH_DEFAULTS, ModelConfig, model_config_from
+from hybrid.config import ARCH_DEFAULTS, ModelConfig, model_config_from, with_model_settings
 from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate
 from hybrid.model import HybridGPT, check_stateful, expert_load_summary
 from hybrid.optim import EMA, Muon, build_optimizers
@@ -55,6 +55,7 @@ from quant.qat import set_qat
 ROOT = Path(__file__).resolve().parent
 
 
+@with_model_settings  # + one setting per ModelConfig field, declared there (hybrid/config.py)
 @dataclass
 class Hyperparameters:
     # --- run -----------------------------------------------------------------------------------
@@ -111,61 +112,6 @@ class Hyperparameters:
                                                               "grad_accum_steps = this // world_size"})
     max_wallclock_seconds: float = field(default=600.0, metadata={"help": "training-time cap (0: none); "
                                                                           "eval and warm-up excluded"})
-    # --- model (empty/negative = the --arch default, see hybrid/config.py) ----------------------
-    vocab_size: int = field(default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"})
-    num_layers: int = field(default=-1, metadata={"help": "number of blocks"})
-    model_dim: int = field(default=-1, metadata={"help": "residual width"})
-    num_heads: int = field(default=-1, metadata={"help": "query heads"})
-    num_kv_heads: int = field(default=-1, metadata={"help": "key/value heads (GQA)"})
-    mlp_mult: float = field(default=-1.0, metadata={"help": "MLP hidden = mlp_mult × model_dim"})
-    mlp_act: str = field(default="", metadata={"help": "leaky_relu2 | relu2"})
-    mlp_fused: str = field(default="", metadata={"help": "MLP up-projection + activation as one Triton "
-                                                          "kernel: auto (CUDA bf16) | triton | off"})
-    layer_pattern: str = field(default="", metadata={"help": "one letter per layer: T token-shift, "
-                                                             "W windowed attention, F full attention, "
-                                                             "R RWKV-7 time-mix; lower case = the same mixer "
-                                                             "with an MoE FFN"})
-    attn_window: int = field(default=-1, metadata={"help": "tokens a W layer sees (itself included)"})
-    token_mix: str = field(default="", metadata={"help": "T-layer mixer: shift | ddlerp | conv | shiftk | "
-                                                         "shift_silu_gate (hybrid/token_mix.py)"})
-    token_mix_kernel: int = field(default=-1, metadata={"help": "tokens (current included) that conv/shiftk mix"})
-    rope_dims: int = field(default=-1, metadata={"help": "head dims rotated by RoPE"})
-    rope_base: float = field(default=-1.0, metadata={"help": "RoPE base"})
-    qk_gain_init: float = field(default=-1.0, metadata={"help": "initial per-head query gain"})
-    qk_norm_gain: int = field(default=-1, metadata={"help": "learned gains on the q/k RMS norms (0/1)"})
-    xsa_last: int = field(default=-1, metadata={"help": "XSA on the last N attention layers"})
-    ve_layers: str = field(default="", metadata={"help": "value-embedding layers: comma list, 'none', "
-                                                         "or empty for the arch default"})
-    ve_dim: int = field(default=-1, metadata={"help": "value-embedding table width"})
-    smear: int = field(default=-1, metadata={"help": "SmearGate on the embedding (0/1)"})
-    bigram_buckets: int = field(default=-1, metadata={"help": "BigramHash buckets (0: off)"})
-    bigram_dim: int = field(default=-1, metadata={"help": "BigramHash table width"})
-    ln_scale: int = field(default=-1, metadata={"help": "scale normed sublayer inputs by 1/sqrt(layer+1) (0/1)"})
-    unet_skips: int = field(default=-1, metadata={"help": "baseline U-Net skip connections (0/1)"})
-    logit_softcap: float = field(default=-1.0, metadata={"help": "logits = c·tanh(z/c)"})
-    tied_embed_init_std: float = field(default=-1.0, metadata={"help": "std of the tied embedding at init"})
-    ortho_init: int = field(default=-1, metadata={"help": "orthogonal init of the matrices (0/1)"})
-    block_style: str = field(default="", metadata={"help": "hybrid | rwkv (RWKV-7's own pre-LayerNorm block)"})
-    rwkv_head_size: int = field(default=-1, metadata={"help": "RWKV-7 head size"})
-    rwkv_ffn: str = field(default="", metadata={"help": "FFN of R layers: mlp | cmix (RWKV-7 channel-mix)"})
-    rwkv_chunk: int = field(default=-1, metadata={"help": "chunk length of the chunked WKV-7 form"})
-    rwkv_impl: str = field(default="", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton"})
-    moe_num_experts: int = field(default=-1, metadata={"help": "routed experts per MoE layer (0: no MoE)"})
-    moe_top_k: int = field(default=-1, metadata={"help": "experts per token"})
-    moe_expert_hidden: int = field(default=-1, metadata={"help": "hidden width of a routed expert"})
-    moe_shared_experts: int = field(default=-1, metadata={"help": "always-on shared experts"})
-    moe_shared_hidden: int = field(default=-1, metadata={"help": "hidden width of a shared expert"})
-    moe_shared_gate: int = field(default=-1, metadata={"help": "sigmoid gate on the shared output (0/1)"})
-    moe_router: str = field(default="", metadata={"help": "softmax | sigmoid"})
-    moe_norm_topk: int = field(default=-1, metadata={"help": "renormalise the top-k gates (0/1)"})
-    moe_routed_scale: float = field(default=-1.0, metadata={"help": "routed scaling factor"})
-    moe_aux_coef: float = field(default=-1.0, metadata={"help": "load-balancing loss weight"})
-    moe_balance_loss: str = field(default="", metadata={"help": "batch | sequence"})
-    moe_z_coef: float = field(default=-1.0, metadata={"help": "router z-loss weight"})
-    moe_bias_balancing: int = field(default=-1, metadata={"help": "auxiliary-loss-free bias balancing (0/1)"})
-    moe_bias_rate: float = field(default=-1.0, metadata={"help": "bias update rate"})
-    moe_act: str = field(default="", metadata={"help": "expert activation: leaky_relu2 | relu2 | swiglu"})
-    moe_dispatch: str = field(default="", metadata={"help": "auto | grouped | loop"})
     # --- optimizer -----------------------------------------------------------------------------
     tied_embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the tied token embedding"})
     embed_lr: float = field(default=0.035, metadata={"help": "Adam lr of the bigram and value-embedding tables"})
@@ -309,9 +255,7 @@ def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = No
     check_settings(h, available_compressors(), {"eval_mode": EVAL_MODES, "quant_clip": CLIP_MODES,
                                                 "resume_mismatch": ("error", "allow"), "ttt": TTT_MODES})
     for f in fields(ModelConfig):  # store the resolved values: logs and checkpoints show what ran
-        if hasattr(h, f.name):
-            value = getattr(cfg, f.name)
-            setattr(h, f.name, int(value) if isinstance(value, bool) else value)
+        setattr(h, f.name, getattr(cfg, f.name))
     return h
 
 

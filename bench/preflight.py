@@ -33,6 +33,11 @@ gptq       train_gpt.gptq_export on the (barely trained) model: calibration gene
            GPTQ, wall time, and the dynamo graphs the calibration compiled.
 artifact   quant.artifact.pack_model with the default precision function and the GPTQ output (as
            train_gpt.finish packs it, without the budget fit), model bytes, and the unpack time.
+ttt        TTT=sgd and TTT=lora (hybrid/ttt.py, hybrid/ttt_lora.py) as train_gpt.final_ttt runs them
+           (sgd compiled on CUDA, lora eager), each on a copy of the model, over random tokens with
+           the dummy byte table (speed only): TTT_CHUNK-sized chunks (sgd) and BOS every 2,048
+           tokens (lora); seconds, scored tokens/s, and the implied time for the full validation set
+           on 8 GPUs, to check against the 10-minute evaluation limit (issue 15's estimate).
 attention  the W layers' attention at the model's shapes: flex_attention with the block-sparse window
            mask (what the model runs on CUDA) vs SDPA with a dense band mask, and full causal SDPA (an
            F layer) for scale; each compiled, forward + backward (forward only on the CPU: flex has no
@@ -84,8 +89,8 @@ from quant.policy import make_precision_fn
 from quant.qat import set_qat
 
 ROOT = Path(__file__).resolve().parents[1]
-SECTIONS = ("train", "eval", "gptq", "artifact", "attention", "fused_mlp")
-COLLECTIVE = ("train", "eval")  # every rank runs these together; the rest run on rank 0 only
+SECTIONS = ("train", "eval", "gptq", "artifact", "ttt", "attention", "fused_mlp")
+COLLECTIVE = ("train", "eval", "ttt")  # every rank runs these together; the rest run on rank 0 only
 FULL_VAL_TOKENS = 62_000_000  # the FineWeb sp1024 validation set, ~62M tokens (docs/PERF.md)
 DEFAULT_BUDGET_S = 360.0
 
@@ -387,6 +392,53 @@ def section_eval(ctx: Ctx) -> dict:
                 same_result=abs(first.val_loss - res.val_loss) < 1e-3)
 
 
+def section_ttt(ctx: Ctx) -> dict:
+    import copy
+
+    from hybrid.ttt import evaluate_ttt
+    from hybrid.ttt_lora import evaluate_ttt_lora
+
+    h, device, rt = ctx.h, ctx.device, ctx.rt
+    model = ctx.get_model()
+    set_qat(model, False, ctx.get_precision_fn())
+    n = ctx.args.eval_tokens or (4 * h.ttt_chunk if ctx.args.size == "full" else 4096)
+    tokens = torch.randint(2, h.vocab_size, (n + 1,), generator=torch.Generator().manual_seed(8))
+    tokens[::2048] = 1  # documents for lora (BOS = 1, as the shards write it)
+    stride = min(h.eval_stride, h.train_seq_len)
+    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if ctx.cuda else None
+    luts = dummy_luts(h.vocab_size, device)
+    out = {}
+    net = copy.deepcopy(model)
+    logits_fn = ctx.compile(net.forward_logits) if ctx.cuda else None
+    loss_fn = ctx.compile(net) if ctx.cuda else None
+    ctx.sync()
+    t = time.perf_counter()
+    res, st = evaluate_ttt(net, tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
+                           rt.world_size, autocast, chunk_tokens=min(h.ttt_chunk, max(n // 4, 1)),
+                           epochs=h.ttt_epochs, lr=h.ttt_lr, momentum=h.ttt_momentum, grad_clip=h.ttt_clip,
+                           logits_fn=logits_fn, loss_fn=loss_fn)
+    ctx.sync()
+    sgd_s = time.perf_counter() - t
+    out.update(sgd_s=sgd_s, sgd_chunks=st["chunks"], sgd_steps=st["steps"], sgd_score_s=st["score_seconds"],
+               sgd_train_s=st["train_seconds"], sgd_scored_tokens_per_s=res.tokens / sgd_s,
+               sgd_est_full_val_s_8gpu=FULL_VAL_TOKENS / (8 * res.tokens / rt.world_size / sgd_s))
+    del net
+    net = copy.deepcopy(model)
+    chunk = min(h.ttt_lora_chunk, h.train_seq_len)
+    ctx.sync()
+    t = time.perf_counter()
+    res, st = evaluate_ttt_lora(net, tokens, h.train_seq_len, luts, device, rt.rank, rt.world_size, autocast,
+                                rank_r=h.ttt_lora_rank, alpha=h.ttt_lora_alpha, lr=h.ttt_lora_lr, chunk=chunk,
+                                docs_per_batch=h.ttt_lora_docs, targets=tuple(h.ttt_lora_targets.split(",")))
+    ctx.sync()
+    lora_s = time.perf_counter() - t
+    out.update(ttt_tokens=res.tokens, lora_s=lora_s, lora_docs=st["docs"], lora_steps=st["steps"],
+               lora_scored_tokens_per_s=res.tokens / lora_s,
+               lora_est_full_val_s_8gpu=FULL_VAL_TOKENS / (8 * res.tokens / rt.world_size / lora_s),
+               bytes_note="random tokens, dummy byte table: speed only")
+    return out
+
+
 def section_gptq(ctx: Ctx) -> dict:
     from train_gpt import gptq_export
 
@@ -508,6 +560,7 @@ def section_fused_mlp(ctx: Ctx) -> dict:
 
 
 SECTION_FNS = {"train": section_train, "eval": section_eval, "gptq": section_gptq, "artifact": section_artifact,
+               "ttt": section_ttt,
                "attention": section_attention, "fused_mlp": section_fused_mlp}
 
 
@@ -637,6 +690,10 @@ def markdown_table(report: dict) -> str:
     add("artifact", "artifact (model bytes)",
         lambda r: f"{r['model_bytes']:,} B ({r['bytes_per_param']:.4f} B/param, {r['compressor']}, "
                   f"{'GPTQ' if r['gptq'] else 'round to nearest'}); pack {r['pack_s']:.1f} s")
+    add("ttt", "TTT (sgd / lora)",
+        lambda r: f"sgd {r['sgd_s']:.1f} s ({r['sgd_chunks']} chunks, {r['sgd_steps']} steps; full val on 8 GPUs "
+                  f"≈ {r['sgd_est_full_val_s_8gpu']:.0f} s); lora {r['lora_s']:.1f} s ({r['lora_docs']} docs; "
+                  f"full val on 8 GPUs ≈ {r['lora_est_full_val_s_8gpu']:.0f} s); {r['ttt_tokens']:,} random tokens")
     add("attention", "W attention: flex vs dense band",
         lambda r: f"flex {r['flex_window_ms']:.3f} ms, dense {r['dense_window_ms']:.3f} ms "
                   f"(dense/flex {r['dense_over_flex']:.2f}), full causal {r['full_causal_ms']:.3f} ms; "

@@ -34,7 +34,8 @@ hybrid.presets.model_preset_report counts them on the meta device.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import re
+from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
 # hybrid.moe / hybrid.rwkv7 / hybrid.wkv7 are imported only where a config uses them: a run's code
 # bytes count the modules it imports (quant/budget.py), so a hybrid run must not load them.
@@ -55,6 +56,16 @@ BLOCK_STYLES = ("hybrid", "rwkv")
 RWKV_FFNS = ("mlp", "cmix")
 # WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/wkv7.py).
 RWKV_MAX_CHUNK = 128
+# ModelConfig's MoE settings -> the field of hybrid.moe.MoEConfig (the MoE layer's own config, also
+# used by the seed presets and the peer tests) each one sets; MoEConfig.validate holds their rules.
+MOE_FIELDS = {
+    "moe_num_experts": "num_experts", "moe_top_k": "top_k", "moe_expert_hidden": "expert_hidden",
+    "moe_shared_experts": "num_shared_experts", "moe_shared_hidden": "shared_hidden",
+    "moe_shared_gate": "shared_gate", "moe_router": "router", "moe_norm_topk": "norm_topk_prob",
+    "moe_routed_scale": "routed_scaling_factor", "moe_aux_coef": "aux_loss_coef",
+    "moe_balance_loss": "balance_loss", "moe_z_coef": "z_loss_coef", "moe_bias_balancing": "bias_balancing",
+    "moe_bias_rate": "bias_update_rate", "moe_act": "activation", "moe_dispatch": "dispatch",
+}
 
 
 def parse_layer_pattern(pattern: str, num_layers: int, moe: bool = False) -> list[str]:
@@ -81,74 +92,77 @@ def parse_layer_pattern(pattern: str, num_layers: int, moe: bool = False) -> lis
 
 @dataclass
 class ModelConfig:
-    """Shape and feature switches of `HybridGPT`. Defaults are the hybrid; see ARCH_DEFAULTS["gpt"]."""
+    """Shape and feature switches of `HybridGPT`: the one declaration of every model setting. Each
+    field is also a setting of the trainer (env var FIELD_NAME, flag --field-name, with this help);
+    the defaults are the hybrid's, ARCH_DEFAULTS holds the other arches'."""
 
-    vocab_size: int = 1024
-    num_layers: int = 12
-    model_dim: int = 512
-    num_heads: int = 8
-    num_kv_heads: int = 4
-    # MLP hidden width = mlp_mult * model_dim, which must be a whole number: we never round, so the
-    # parameter count is exactly what the multiplier says (1.75 -> 896, 2.0 -> 1024, 3.0 -> 1536).
+    vocab_size: int = field(default=1024, metadata={"help": "vocabulary size (must match the tokenizer)"})
+    num_layers: int = field(default=12, metadata={"help": "number of blocks"})
+    model_dim: int = field(default=512, metadata={"help": "residual width"})
+    num_heads: int = field(default=8, metadata={"help": "query heads"})
+    num_kv_heads: int = field(default=4, metadata={"help": "key/value heads (GQA)"})
+    # We never round the hidden width, so the parameter count is exactly what the multiplier says.
     # MLP3x is the records' width (PR #164, rec:2026-03-19 MixedQuant: about -0.02 bpb against 2x); it
     # fits 16 MB with int6 + zlib because the default export is SDClip + GPTQ (~0.49 byte/param,
     # docs/PERF.md), with the budget fit (quant/fit.py) as the guarantee.
-    mlp_mult: float = 3.0
-    mlp_act: str = "leaky_relu2"  # leaky_relu(x, 0.5)**2, golf PR #493; "relu2" = the baseline's relu(x)**2
-    # Up-projection + activation in one Triton kernel (hybrid/fused_mlp.py): "auto" = on CUDA in
-    # bf16/fp16, "triton" = always (errors without it), "off" = plain torch. Off by default until a
-    # GPU measurement shows it pays (docs/PERF.md); "off" is bit-identical to the unfused MLP.
-    mlp_fused: str = "off"
-    layer_pattern: str = "TTTWTTWTTWTF"
-    attn_window: int = 128  # W layers: each query sees exactly the last 128 tokens, itself included
-    # T layers' mixer (hybrid/token_mix.py): "shift" = TokenShiftMix, the one-token lerp; "ddlerp" =
-    # RWKV-6's data-dependent lerp; "conv" = causal depthwise conv over K tokens; "shiftk" = softmax
-    # mix of the last K tokens; "shift_silu_gate" = shift with r = SiLU(W_r·xr).
-    token_mix: str = "shift"
-    token_mix_kernel: int = 4  # K (current token included) of "conv" and "shiftk"; 1..TOKEN_MIX_MAX_KERNEL
-    rope_dims: int = 16  # partial RoPE on the first 16 of 64 head dims, golf PR #315; 0 = all head dims
-    rope_base: float = 10000.0
+    mlp_mult: float = field(default=3.0, metadata={"help": "MLP hidden = mlp_mult × model_dim, a whole number (1.75 -> 896, 3.0 -> 1536)"})
+    mlp_act: str = field(default="leaky_relu2", metadata={"help": "leaky_relu2 (leaky_relu(x, 0.5)², golf PR #493) | relu2 (the baseline's)"})
+    # Off by default until a GPU measurement shows it pays (docs/PERF.md); "off" is bit-identical to
+    # the unfused MLP.
+    mlp_fused: str = field(default="off", metadata={"help": "MLP up-projection + activation as one Triton kernel (hybrid/fused_mlp.py): "
+                                                            "auto (CUDA bf16/fp16) | triton (always; errors without it) | off"})
+    layer_pattern: str = field(default="TTTWTTWTTWTF", metadata={"help": "one letter per layer: T token-shift, W windowed attention, "
+                                                                         "F full attention, R RWKV-7 time-mix; lower case = the same "
+                                                                         "mixer with an MoE FFN"})
+    attn_window: int = field(default=128, metadata={"help": "tokens a W layer's query sees, itself included"})
+    token_mix: str = field(default="shift", metadata={"help": "T-layer mixer (hybrid/token_mix.py): shift (one-token lerp) | ddlerp "
+                                                              "(RWKV-6's data-dependent lerp) | conv (causal depthwise conv over K) | "
+                                                              "shiftk (softmax mix of the last K) | shift_silu_gate"})
+    token_mix_kernel: int = field(default=4, metadata={"help": "K, the tokens (current included) that conv/shiftk mix: 1..15 (TOKEN_MIX_MAX_KERNEL)"})
+    rope_dims: int = field(default=16, metadata={"help": "head dims rotated by RoPE (16 of 64: golf PR #315; 0 = all)"})
+    rope_base: float = field(default=10000.0, metadata={"help": "RoPE base"})
     # PR #1125 swept 1.5/2/3/4 on the 11-layer stack: 4.0 was best (-0.0039 bpb); docs/SETTINGS.md.
-    qk_gain_init: float = 4.0
-    # Learned per-dim gain after the q/k RMS norm (the project issue's "q/k RMS norm with learned
-    # gain"). Neither the baseline nor the published hybrid has it, so "gpt" turns it off.
-    qk_norm_gain: bool = True
-    xsa_last: int = 4  # XSA on the last N attention (W or F) layers; 0 = off; N > #attention = all
-    ve_layers: str = ""  # "" = the last 2 attention layers, "none" = off, or "9,11"
-    ve_dim: int = 128
-    smear: bool = True
-    bigram_buckets: int = 2048  # 0 = off
-    bigram_dim: int = 128
-    ln_scale: bool = True  # scale block i's normed inputs by 1/sqrt(i+1), golf PR #315
-    unet_skips: bool = False  # the hybrid README: removing them helped
-    logit_softcap: float = 30.0
-    tied_embed_init_std: float = 0.005
-    ortho_init: bool = True
+    qk_gain_init: float = field(default=4.0, metadata={"help": "initial per-head query gain"})
+    # Neither the baseline nor the published hybrid has it, so "gpt" turns it off.
+    qk_norm_gain: bool = field(default=True, metadata={"help": "learned per-dim gains after the q/k RMS norms"})
+    xsa_last: int = field(default=4, metadata={"help": "XSA on the last N attention (W or F) layers (0: off; more than there are: all)"})
+    ve_layers: str = field(default="", metadata={"help": "value-embedding layers: a comma list of attention layers, 'none', or empty "
+                                                         "for the last 2 attention layers"})
+    ve_dim: int = field(default=128, metadata={"help": "value-embedding table width"})
+    smear: bool = field(default=True, metadata={"help": "SmearGate on the embedding"})
+    bigram_buckets: int = field(default=2048, metadata={"help": "BigramHash buckets (0: off)"})
+    bigram_dim: int = field(default=128, metadata={"help": "BigramHash table width"})
+    ln_scale: bool = field(default=True, metadata={"help": "scale block i's normed inputs by 1/sqrt(i+1) (golf PR #315)"})
+    unet_skips: bool = field(default=False, metadata={"help": "the baseline's U-Net skip connections (the hybrid's README: removing them helped)"})
+    logit_softcap: float = field(default=30.0, metadata={"help": "logits = c·tanh(z/c)"})
+    tied_embed_init_std: float = field(default=0.005, metadata={"help": "std of the tied embedding at init"})
+    ortho_init: bool = field(default=True, metadata={"help": "orthogonal init of the matrices"})
     # ---- block style and RWKV-7 (R / r layers) --------------------------------------------------
-    block_style: str = "hybrid"  # "hybrid" | "rwkv" (RWKV-7's pre-LayerNorm block; R/r letters only)
-    rwkv_head_size: int = 64  # N: model_dim / N heads, state [N, N] per head
-    # Dense FFN of an R layer: "mlp" = the hybrid MLP (mlp_act), "cmix" = RWKV-7 channel-mix
-    # (token-shifted relu²). Both have hidden width mlp_mult * model_dim.
-    rwkv_ffn: str = "mlp"
-    rwkv_chunk: int = 16  # chunk of the PyTorch WKV form / checkpoint interval of the Triton kernel
-    rwkv_impl: str = "auto"  # auto | ref | chunked | triton (hybrid/wkv7.py)
-    # ---- Mixture of Experts (lower-case layers); see hybrid/moe.py MoEConfig ----------------------
-    moe_num_experts: int = 0  # routed experts per MoE layer; 0 = no MoE (lower-case letters refused)
-    moe_top_k: int = 1
-    moe_expert_hidden: int = 256  # hidden width of each routed expert
-    moe_shared_experts: int = 1  # always-on experts, fused into one MLP of moe_shared_hidden each
-    moe_shared_hidden: int = 384
-    moe_shared_gate: bool = False  # Qwen2-MoE: shared output × σ(w·x)
-    moe_router: str = "sigmoid"  # sigmoid (DeepSeek-V3) | softmax (Mixtral)
-    moe_norm_topk: bool = False  # renormalise the k gates to sum 1 (needs top_k >= 2)
-    moe_routed_scale: float = 1.0  # routed_scaling_factor
-    moe_aux_coef: float = 1e-4  # weight of the load-balancing loss added to the training loss
-    moe_balance_loss: str = "sequence"  # sequence (DeepSeek-V3) | batch (Switch/Mixtral)
-    moe_z_coef: float = 1e-3  # weight of the router z-loss
-    moe_bias_balancing: bool = True  # aux-loss-free balancing: HybridGPT.after_optimizer_step()
-    moe_bias_rate: float = 1e-3  # step of that bias update
-    moe_act: str = "leaky_relu2"  # expert activation: leaky_relu2 | relu2 | swiglu
-    moe_dispatch: str = "auto"  # auto (grouped_mm on CUDA bf16, else loop) | grouped | loop
+    block_style: str = field(default="hybrid", metadata={"help": "hybrid | rwkv (RWKV-7's own pre-LayerNorm block; R/r letters only)"})
+    rwkv_head_size: int = field(default=64, metadata={"help": "RWKV-7 head size N: model_dim / N heads, a [N, N] state each"})
+    rwkv_ffn: str = field(default="mlp", metadata={"help": "FFN of R layers, hidden mlp_mult × model_dim: mlp (the hybrid MLP) | cmix "
+                                                           "(RWKV-7 channel-mix, token-shifted relu²)"})
+    rwkv_chunk: int = field(default=16, metadata={"help": "chunk of the PyTorch WKV-7 form / checkpoint interval of the Triton kernel"})
+    rwkv_impl: str = field(default="auto", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton (hybrid/wkv7.py)"})
+    # ---- Mixture of Experts (lower-case layers) -------------------------------------------------
+    # Each moe_X is field MOE_FIELDS[moe_X] of the hybrid.moe.MoEConfig every MoE layer is built with
+    # (`moe_config`); MoEConfig.validate holds their rules.
+    moe_num_experts: int = field(default=0, metadata={"help": "routed experts per MoE layer (0: no MoE; lower-case letters refused)"})
+    moe_top_k: int = field(default=1, metadata={"help": "experts per token"})
+    moe_expert_hidden: int = field(default=256, metadata={"help": "hidden width of a routed expert"})
+    moe_shared_experts: int = field(default=1, metadata={"help": "always-on shared experts (fused into one MLP)"})
+    moe_shared_hidden: int = field(default=384, metadata={"help": "hidden width of each shared expert"})
+    moe_shared_gate: bool = field(default=False, metadata={"help": "sigmoid gate on the shared output (Qwen2-MoE)"})
+    moe_router: str = field(default="sigmoid", metadata={"help": "sigmoid (DeepSeek-V3) | softmax (Mixtral)"})
+    moe_norm_topk: bool = field(default=False, metadata={"help": "renormalise the top-k gates to sum 1 (needs top_k >= 2)"})
+    moe_routed_scale: float = field(default=1.0, metadata={"help": "routed scaling factor"})
+    moe_aux_coef: float = field(default=1e-4, metadata={"help": "weight of the load-balancing loss"})
+    moe_balance_loss: str = field(default="sequence", metadata={"help": "sequence (DeepSeek-V3) | batch (Switch/Mixtral)"})
+    moe_z_coef: float = field(default=1e-3, metadata={"help": "weight of the router z-loss"})
+    moe_bias_balancing: bool = field(default=True, metadata={"help": "auxiliary-loss-free bias balancing (HybridGPT.after_optimizer_step)"})
+    moe_bias_rate: float = field(default=1e-3, metadata={"help": "step of that bias update"})
+    moe_act: str = field(default="leaky_relu2", metadata={"help": "expert activation: leaky_relu2 | relu2 | swiglu"})
+    moe_dispatch: str = field(default="auto", metadata={"help": "auto (grouped_mm on CUDA bf16, else the loop) | grouped | loop"})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -180,15 +194,7 @@ class ModelConfig:
             return None
         from hybrid.moe import MoEConfig
 
-        return MoEConfig(
-            num_experts=self.moe_num_experts, top_k=self.moe_top_k, expert_hidden=self.moe_expert_hidden,
-            num_shared_experts=self.moe_shared_experts, shared_hidden=self.moe_shared_hidden,
-            shared_gate=self.moe_shared_gate, router=self.moe_router, norm_topk_prob=self.moe_norm_topk,
-            routed_scaling_factor=self.moe_routed_scale, aux_loss_coef=self.moe_aux_coef,
-            balance_loss=self.moe_balance_loss, z_loss_coef=self.moe_z_coef,
-            bias_balancing=self.moe_bias_balancing, bias_update_rate=self.moe_bias_rate,
-            activation=self.moe_act, dispatch=self.moe_dispatch,
-        )
+        return MoEConfig(**{inner: getattr(self, name) for name, inner in MOE_FIELDS.items()})
 
     @property
     def head_dim(self) -> int:
@@ -281,7 +287,7 @@ class ModelConfig:
         if self.rwkv_layer_ids:
             self._validate_rwkv(need)
         if self.moe_layer_ids:
-            self._validate_moe(need)
+            self._validate_moe()
 
     def _validate_block_style(self, need) -> None:
         need(self.block_style in BLOCK_STYLES, f"block_style must be one of {BLOCK_STYLES}, got {self.block_style!r}")
@@ -302,29 +308,15 @@ class ModelConfig:
         need(self.rwkv_impl in WKV7_IMPLS, f"rwkv_impl must be one of {WKV7_IMPLS}, got {self.rwkv_impl!r}")
         need(self.rwkv_ffn in RWKV_FFNS, f"rwkv_ffn must be one of {RWKV_FFNS}, got {self.rwkv_ffn!r}")
 
-    def _validate_moe(self, need) -> None:
-        from hybrid.moe import MOE_ACTIVATIONS, MOE_BALANCE_LOSSES, MOE_DISPATCH, MOE_ROUTERS
-
-        E = self.moe_num_experts
-        need(1 <= self.moe_top_k <= E, f"moe_top_k must be in [1, moe_num_experts={E}], got {self.moe_top_k}")
-        need(self.moe_expert_hidden >= 1, f"moe_expert_hidden must be >= 1, got {self.moe_expert_hidden}")
-        need(self.moe_shared_experts >= 0, f"moe_shared_experts must be >= 0, got {self.moe_shared_experts}")
-        need(self.moe_shared_experts == 0 or self.moe_shared_hidden >= 1,
-             f"moe_shared_hidden must be >= 1 when moe_shared_experts > 0, got {self.moe_shared_hidden}")
-        need(self.moe_router in MOE_ROUTERS, f"moe_router must be one of {MOE_ROUTERS}, got {self.moe_router!r}")
-        need(self.moe_act in MOE_ACTIVATIONS, f"moe_act must be one of {MOE_ACTIVATIONS}, got {self.moe_act!r}")
-        need(self.moe_balance_loss in MOE_BALANCE_LOSSES,
-             f"moe_balance_loss must be one of {MOE_BALANCE_LOSSES}, got {self.moe_balance_loss!r}")
-        need(self.moe_dispatch in MOE_DISPATCH, f"moe_dispatch must be one of {MOE_DISPATCH}, got {self.moe_dispatch!r}")
-        need(not (self.moe_norm_topk and self.moe_top_k == 1),
-             "moe_norm_topk with moe_top_k=1 makes every gate exactly 1 (the router would get no gradient "
-             "from the LM loss); set moe_norm_topk=False")
-        for name in ("moe_aux_coef", "moe_z_coef", "moe_bias_rate", "moe_routed_scale"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+    def _validate_moe(self) -> None:
+        # The rules live in MoEConfig.validate alone; its message is rewritten into setting names.
         try:
-            self.moe_config  # MoEConfig's own checks, should a rule exist only there
+            self.moe_config
         except ValueError as exc:
-            raise ValueError(f"ModelConfig: the moe_* fields give an invalid MoEConfig: {exc}") from None
+            inner = {v: k for k, v in MOE_FIELDS.items()}
+            text = re.sub(r"\b(" + "|".join(inner) + r")\b", lambda m: inner[m.group(1)],
+                          str(exc).removeprefix("MoEConfig: "))
+            raise ValueError(f"ModelConfig: {text}") from None
 
 
 _GPT_OVERRIDES = {
@@ -388,8 +380,20 @@ ARCH_DEFAULTS: dict[str, dict] = {
 }
 
 
+def with_model_settings(cls):
+    """`cls`, a dataclass of run settings (train_gpt.Hyperparameters), extended by one field per
+    ModelConfig field with the same name, type and help: the trainer's model settings, declared
+    only in ModelConfig. Their default None stands for the arch's default (ARCH_DEFAULTS);
+    `model_config_from` fills it in, and the trainer stores the resolved values back."""
+    extra = [(f.name, f.type, field(default=None, metadata=f.metadata)) for f in fields(ModelConfig)]
+    out = make_dataclass(cls.__name__, extra, bases=(cls,))
+    out.__module__, out.__qualname__, out.__doc__ = cls.__module__, cls.__qualname__, cls.__doc__
+    return out
+
+
 def _unset(value) -> bool:
-    """The trainer's "not given" marks: "" for strings, a negative number for counts and sizes."""
+    """Not given: None (the trainer's unset model settings); "" or a negative number in the hparams
+    of runs logged before the settings were declared once (2026-12-01), which used those marks."""
     return value is None or value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
 
 

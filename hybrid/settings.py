@@ -73,11 +73,10 @@ BITS = (lambda v: 2 <= v <= 8, "an integer width in 2..8")
 OPTIONAL_BITS = (lambda v: v == 0 or 2 <= v <= 8, "0 (same as MATRIX_BITS) or a width in 2..8")
 
 # 0/1 switches stored as ints (parse_setting also takes true/false, yes/no, on/off for them).
-SWITCHES = frozenset({"bitpack", "gptq", "fit_budget", "smear", "ln_scale", "unet_skips", "ortho_init", "qk_norm_gain",
-                      "moe_shared_gate", "moe_norm_topk", "moe_bias_balancing"})
+SWITCHES = frozenset({"bitpack", "gptq", "fit_budget"})
 
-# Range of each numeric run, optimizer and export field. Model fields with a -1 "arch default"
-# sentinel get the same check when given explicitly; the model config checks how they combine.
+# Range of each numeric run, optimizer and export field. Model fields (None until resolved: the
+# arch's default) get the same check when given explicitly; the model config checks how they combine.
 RULES: dict[str, tuple] = {
     "data_seed": _at_least(0), "val_loss_every": _at_least(0), "val_max_tokens": _at_least(0),
     "eval_stride": _at_least(1), "eval_batch_seqs": _at_least(1), "eval_warmup": _at_least(0),
@@ -98,7 +97,7 @@ RULES: dict[str, tuple] = {
     "ttt_clip": _at_least(0), "ttt_lora_rank": _at_least(1), "ttt_lora_alpha": _above(0),
     "ttt_lora_lr": _at_least(0), "ttt_lora_chunk": _at_least(1), "ttt_lora_docs": _at_least(1),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
-    # model fields (explicit values only; -1 means the arch's default)
+    # model fields (explicit values only; unset means the arch's default)
     "num_layers": _at_least(1), "model_dim": _at_least(1), "num_heads": _at_least(1),
     "num_kv_heads": _at_least(1), "mlp_mult": _above(0), "attn_window": _at_least(1),
     "rope_dims": _at_least(0), "rope_base": _above(0), "qk_gain_init": _above(0), "xsa_last": _at_least(0),
@@ -120,7 +119,7 @@ def check_explicit(field: str, value, sentinel) -> None:
     where = setting_name(field)
     if isinstance(value, str):
         if value.strip() == "" and field not in EMPTY_OK:
-            hint = " (leave it unset for the default)" if sentinel == "" else ""
+            hint = " (leave it unset for the default)" if sentinel in ("", None) else ""
             raise SettingError(f"{where} is set but empty{hint}")
         return
     rule = RULES.get(field)
@@ -150,10 +149,6 @@ def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None
     for name, (ok, what) in RULES.items():
         value = getattr(h, name, None)
         if value is None or name not in h.__dataclass_fields__:
-            continue
-        default = h.__dataclass_fields__[name].default
-        if isinstance(default, (int, float)) and default < 0 and value < 0 and name != "warmup_steps" \
-                and name != "compile":
             continue  # unset model field: the arch default applies (the model config checks it)
         if not ok(value):
             raise SettingError(f"{setting_name(name)}={value!r} is out of range: must be {what}")

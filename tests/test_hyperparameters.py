@@ -44,3 +44,43 @@ def test_every_model_field_is_settable_from_the_environment():
     h = train_gpt.resolve_hyperparameters(["--preset", "tiny"], env={"QK_NORM_GAIN": "0", "LOG_DIR": "/tmp"})
     assert h.model_config().qk_norm_gain is False
     assert train_gpt.resolve_hyperparameters(["--preset", "tiny"], env={"LOG_DIR": "/tmp"}).model_config().qk_norm_gain
+
+
+def test_each_model_setting_is_declared_once_in_model_config():
+    """Hyperparameters takes its model settings from ModelConfig (name, type, help); train_gpt.py
+    declares none of them, and none keeps a -1/"" "unset" mark: unset is None, resolved is real."""
+    import ast
+    import dataclasses
+
+    import train_gpt
+    from hybrid.config import ModelConfig
+
+    hp = train_gpt.Hyperparameters.__dataclass_fields__
+    for f in dataclasses.fields(ModelConfig):
+        assert hp[f.name].type == f.type and hp[f.name].default is None, f.name
+        assert hp[f.name].metadata["help"] == f.metadata["help"], f.name
+    tree = ast.parse((ROOT / "train_gpt.py").read_text(encoding="utf-8"))
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Hyperparameters")
+    declared = {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign)}
+    assert not declared & {f.name for f in dataclasses.fields(ModelConfig)}
+    h = train_gpt.resolve_hyperparameters(["--preset", "tiny"], env={"SMEAR": "off", "LOG_DIR": "/tmp"})
+    assert h.smear is False and h.ln_scale is True and h.num_layers == 4  # resolved, real booleans
+    with pytest.raises(ValueError, match="SMEAR"):
+        train_gpt.resolve_hyperparameters([], env={"SMEAR": "2"})
+
+
+def test_moe_settings_map_onto_moe_config_and_its_rules_name_the_setting():
+    import dataclasses
+
+    from hybrid.config import MOE_FIELDS, ModelConfig
+    from hybrid.moe import MoEConfig
+
+    moe_settings = {f.name for f in dataclasses.fields(ModelConfig) if f.name.startswith("moe_")}
+    assert set(MOE_FIELDS) == moe_settings
+    assert set(MOE_FIELDS.values()) <= {f.name for f in dataclasses.fields(MoEConfig)}
+    cfg = ModelConfig(num_layers=2, layer_pattern="tF", moe_num_experts=4, moe_top_k=2, moe_expert_hidden=7)
+    assert cfg.moe_config.top_k == 2 and cfg.moe_config.expert_hidden == 7
+    with pytest.raises(ValueError, match=r"ModelConfig: moe_top_k must be in \[1, moe_num_experts=4\]"):
+        ModelConfig(num_layers=2, layer_pattern="tF", moe_num_experts=4, moe_top_k=5)
+    with pytest.raises(ValueError, match="moe_router"):
+        ModelConfig(num_layers=2, layer_pattern="tF", moe_num_experts=4, moe_router="nope")

@@ -85,22 +85,25 @@ def test_preflight_tiny_cpu_compiled(tmp_path, capsys):
     assert "skipped" in rows["fused_mlp"]  # CUDA + triton only
     table = printed[printed.index("| preflight | value |"):]
     for label in ("compile (first step)", "late QAT recompile", "step ms", "sliding eval", "GPTQ export",
-                  "artifact (model bytes)", "W attention", "fused_mlp"):
+                  "artifact (model bytes)", "TTT (sgd / lora)", "W attention", "fused_mlp"):
         assert label in table, label
 
 
 def test_preflight_tiny_cpu_eager_sections(capsys):
     """Uncompiled, a few sections: the same keys, no graphs, no compile time."""
     report = preflight.main(TINY + ["--steps", "2", "--no-compile", "--eval-tokens", "512",
-                                    "--sections", "train,eval,artifact,fused_mlp"])
+                                    "--sections", "train,eval,artifact,ttt,fused_mlp"])
     line = _json_line(capsys.readouterr().out)
     assert line["errors"] == [] and line["compile"] is False and line["backend"] is None
     rows = _rows(report)
-    assert list(rows) == ["train", "eval", "artifact", "fused_mlp"]
+    assert list(rows) == ["train", "eval", "artifact", "ttt", "fused_mlp"]
     _positive(rows["train"], ("first_step_s", "step_ms", "tokens_per_s_per_rank", "mfu", "peak_mem_bytes"))
     assert rows["train"]["compile_s"] is None and rows["train"]["graphs_first_step"] == 0
     assert rows["eval"]["graphs_first_call"] == 0 and rows["eval"]["eval_tokens"] == 512
     assert rows["artifact"]["model_bytes"] > 0 and rows["artifact"]["gptq"] is False  # no GPTQ section ran
+    ttt = rows["ttt"]
+    _positive(ttt, ("sgd_s", "lora_s", "sgd_est_full_val_s_8gpu", "lora_est_full_val_s_8gpu", "sgd_steps"))
+    assert ttt["ttt_tokens"] == 512 and ttt["sgd_chunks"] == 4 and ttt["lora_docs"] == 1
 
 
 def test_a_failing_section_loses_only_itself(monkeypatch, capsys):
