@@ -37,13 +37,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.bpb import build_byte_luts, load_tokenizer
 from data.loader import DistributedTokenLoader
 from data.shards import ShardError, load_validation_tokens
-from hybrid.checkpoint import resolve_resume, restore_training, save_final_weights, write_checkpoint
+from hybrid.training.checkpoint import resolve_resume, restore_training, save_final_weights, write_checkpoint
 from hybrid.config import ARCH_DEFAULTS, ModelConfig, model_config_from, with_model_settings
-from hybrid.evaluate import EVAL_MODES, eval_mode_tag, evaluate
+from hybrid.training.evaluate import EVAL_MODES, eval_mode_tag, evaluate
 from hybrid.model import HybridGPT, check_stateful, expert_load_summary
-from hybrid.optim import EMA, Muon, build_optimizers
-from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
-from hybrid.settings import TTT_MODES, SettingError, check_explicit, check_settings, parse_setting, setting_name
+from hybrid.training.optim import EMA, Muon, build_optimizers
+from hybrid.training.schedule import lr_scale, muon_momentum, qat_should_enable
+from hybrid.training.settings import TTT_MODES, SettingError, check_explicit, check_settings, parse_setting, setting_name
 from quant.artifact import (artifact_sections, blob_compressor, pack_model, read_artifact, unpack_model,
                             write_artifact)
 from quant.budget import ARTIFACT_LIMIT, BudgetReport, code_bytes, loaded_source_files
@@ -80,12 +80,12 @@ class Hyperparameters:
                                                                "(stateful: parallel spans per rank)"})
     eval_mode: str = field(default="sliding", metadata={"help": "final eval: sliding (windows every EVAL_STRIDE) | "
                                                         "stateful (R/T-only models: the recurrent state carried "
-                                                        "across chunks of train_seq_len; hybrid/evaluate.py)"})
+                                                        "across chunks of train_seq_len; hybrid/training/evaluate.py)"})
     eval_warmup: int = field(default=0, metadata={"help": "stateful eval: unscored context tokens before each "
                                                           "span (0: every span starts from a fresh state)"})
     eval_prequant: bool = field(default=True, metadata={"help": "also score the unquantized final weights"})
     ttt: str = field(default="off", metadata={"help": "score-first test-time training of a copy of the reloaded "
-                                                    "artifact at the final evaluation: off | sgd (hybrid/ttt.py)"})
+                                                    "artifact at the final evaluation: off | sgd (hybrid/training/ttt.py)"})
     ttt_chunk: int = field(default=32768, metadata={"help": "TTT: validation targets per chunk (scored, then trained on)"})
     ttt_epochs: int = field(default=3, metadata={"help": "TTT: SGD passes over each chunk but the last"})
     ttt_lr: float = field(default=0.002, metadata={"help": "TTT: SGD learning rate at the first chunk (cosine to 0)"})
@@ -98,6 +98,13 @@ class Hyperparameters:
     ttt_lora_docs: int = field(default=8, metadata={"help": "TTT=lora: documents per batch"})
     ttt_lora_targets: str = field(default="attn,head", metadata={"help": "TTT=lora: adapted projections, "
                                                                         "a comma list of attn, mixer, head"})
+    ttt_lora_phases: int = field(default=0, metadata={"help": "TTT=lora: phases of global SGD on the base weights "
+                                                            "over the first TTT_LORA_PHASE_DOCS documents, each after "
+                                                            "its documents are scored (0: off; golf PR #1610/#1626)"})
+    ttt_lora_phase_docs: int = field(default=2000, metadata={"help": "TTT=lora: documents the phases cover"})
+    ttt_lora_phase_lr: float = field(default=0.001, metadata={"help": "TTT=lora: SGD lr of a phase (cosine over its "
+                                                                "TTT_CHUNK chunks; momentum TTT_MOMENTUM, clip TTT_CLIP)"})
+    ttt_lora_phase_epochs: int = field(default=1, metadata={"help": "TTT=lora: SGD passes over a phase's documents"})
     train_log_every: int = field(default=200, metadata={"help": "log the train loss every N steps"})
     # --- training length and batch -------------------------------------------------------------
     iterations: int = field(default=20000, metadata={"help": "maximum number of optimizer steps"})
@@ -208,7 +215,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 def resolve_hyperparameters(argv: list[str] | None = None, env: dict | None = None) -> Hyperparameters:
     """Defaults → arch → preset → environment → flags, every value parsed and checked before
-    anything trains (hybrid/settings.py): a bad one raises SettingError naming its variable."""
+    anything trains (hybrid/training/settings.py): a bad one raises SettingError naming its variable."""
     env = os.environ if env is None else env
     args = build_arg_parser().parse_args(argv)
     kinds = {f.name: _field_type(f) for f in fields(Hyperparameters)}
@@ -473,7 +480,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
             ema = EMA(model, h.ema_decay)
         log(f"warmup:done steps:{warmup_steps} state:restored")
 
-    # --- checkpoints and resume (hybrid/checkpoint.py) --------------------------------------------
+    # --- checkpoints and resume (hybrid/training/checkpoint.py) --------------------------------------------
     checkpoint_dir = Path(h.checkpoint_dir or f"checkpoints/{h.run_id}")
     step, train_ms, qat_on, finished = 0, 0.0, False, False
     resume_path = resolve_resume(h.resume, checkpoint_dir)
@@ -492,7 +499,7 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
 
     def validate(stride: int, fn=None, mode: str = "sliding", desc: str = "") -> "EvalResult":
         if mode == "stateful":
-            from hybrid.stateful import stateful_evaluate  # lazy: only stateful runs count this code
+            from hybrid.training.stateful import stateful_evaluate  # lazy: only stateful runs count this code
 
             return stateful_evaluate(fn or state_fn, val_tokens, h.train_seq_len, luts, h.eval_batch_seqs, device,
                                      rt.rank, rt.world_size, autocast, warmup=h.eval_warmup)
@@ -506,13 +513,11 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
 
     def validate_ttt(net, stride: int, **kw):
         if h.ttt == "lora":  # per-document adapters; the base weights are never changed
-            from hybrid.ttt_lora import evaluate_ttt_lora  # lazy: only TTT=lora runs count this code
+            from hybrid.training.ttt_lora import evaluate_ttt_lora, lora_settings  # lazy: only TTT=lora runs count it
 
             return evaluate_ttt_lora(net, val_tokens, h.train_seq_len, luts, device, rt.rank, rt.world_size, autocast,
-                                     rank_r=h.ttt_lora_rank, alpha=h.ttt_lora_alpha, lr=h.ttt_lora_lr,
-                                     chunk=h.ttt_lora_chunk, docs_per_batch=h.ttt_lora_docs,
-                                     targets=tuple(h.ttt_lora_targets.split(",")), progress=kw.get("progress"))
-        from hybrid.ttt import evaluate_ttt  # lazy: only TTT runs count this code
+                                     progress=kw.get("progress"), **lora_settings(asdict(h)))
+        from hybrid.training.ttt import evaluate_ttt  # lazy: only TTT runs count this code
 
         return evaluate_ttt(net, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
                             rt.world_size, autocast, chunk_tokens=h.ttt_chunk, epochs=h.ttt_epochs, lr=h.ttt_lr,
@@ -780,7 +785,7 @@ def finish(h, rt, log, model, ema, cfg, precision_fn, validate, step, train_ms, 
 
 
 def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cuda: bool, validate_ttt):
-    """Score-first test-time training (hybrid/ttt.py) of a copy of the model reloaded from the
+    """Score-first test-time training (hybrid/training/ttt.py) of a copy of the model reloaded from the
     artifact, which itself stays untouched; logs `<tag>_ttt_exact` and the time it took, with a
     progress bar on rank 0's console."""
     net = copy.deepcopy(fresh)
@@ -795,7 +800,9 @@ def final_ttt(h, rt, log, fresh, tag: str, mode: str, stride: int, post, use_cud
     if h.ttt == "lora":
         log(f"ttt mode:lora rank:{h.ttt_lora_rank} alpha:{h.ttt_lora_alpha} lr:{h.ttt_lora_lr} chunk:{h.ttt_lora_chunk} "
             f"docs_per_batch:{h.ttt_lora_docs} targets:{h.ttt_lora_targets} world_size:{rt.world_size} "
-            f"docs:{st['docs']} chunks:{st['chunks']} steps:{st['steps']} time:{1000 * st['seconds']:.0f}ms")
+            f"docs:{st['docs']} chunks:{st['chunks']} steps:{st['steps']} phases:{st['phases']} "
+            f"phase_steps:{st['phase_steps']} phase_time:{1000 * st['phase_seconds']:.0f}ms "
+            f"time:{1000 * st['seconds']:.0f}ms")
     else:
         log(f"ttt mode:{h.ttt} chunk:{h.ttt_chunk} epochs:{h.ttt_epochs} lr:{h.ttt_lr} momentum:{h.ttt_momentum} "
             f"clip:{h.ttt_clip} chunks:{st['chunks']} trained_chunks:{st['trained_chunks']} steps:{st['steps']} "

@@ -52,7 +52,7 @@ from torch.utils._pytree import tree_flatten
 
 from bench.flops import device_peak_flops, mfu, training_flops_per_token
 from hybrid.model import HybridGPT
-from hybrid.optim import EMA, build_optimizers
+from hybrid.training.optim import EMA, build_optimizers
 from train_gpt import Hyperparameters, Runtime, resolve_hyperparameters, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -110,7 +110,7 @@ BYTES_BWD_FACTOR = 2.0  # see the module docstring
 ACT_BYTES = 2  # bf16 activations under autocast
 RESID_BYTES = 4  # the residual stream x, x0 and the embedding tables stay fp32
 PARAM_BYTES = 4  # fp32 master weights, gradients and optimizer state
-UPDATE_BYTES = 2  # Muon's orthogonalised updates travel in bf16 (hybrid/optim.py)
+UPDATE_BYTES = 2  # Muon's orthogonalised updates travel in bf16 (hybrid/training/optim.py)
 # Elementwise passes per token and channel in the forward, outside the GEMMs' own inputs/outputs
 # (one pass = one bf16 read or write of C values; hidden-wide passes are scaled by hidden / C):
 ELEMENTWISE_PASSES = {
@@ -176,7 +176,7 @@ def _linears(module: nn.Module, cfg: ModelConfig) -> tuple[float, float, int]:
             io += share * (m.in_features + m.out_features)
             params += m.weight.numel()
         if getattr(m, "optim_recipe", None) == "rwkv7":
-            from hybrid.optim import RWKV7_LORA_PARAMS
+            from hybrid.training.optim import RWKV7_LORA_PARAMS
 
             for pname, p in m.named_parameters(recurse=False):
                 if pname in RWKV7_LORA_PARAMS and p.ndim == 2:
@@ -252,7 +252,7 @@ def _embed_head_work(model: nn.Module, cfg: ModelConfig) -> dict:
 def _optimizer_work(model: nn.Module, world_size: int, ns_steps: int, ema: bool, grad_clip: bool) -> dict:
     """Per-step work on one rank: Newton–Schulz FLOPs, optimizer bytes, bytes on the wire."""
     from hybrid.model import count_params
-    from hybrid.optim import split_params
+    from hybrid.training.optim import split_params
 
     _, mat, _ = split_params(model)  # Muon's share, by the optimizer's own rule
     banks: dict[tuple, int] = {}
@@ -310,7 +310,7 @@ def _param_check(model: nn.Module, cfg: ModelConfig) -> dict:
 
 
 def _is_lora(name: str) -> bool:
-    from hybrid.optim import RWKV7_LORA_PARAMS
+    from hybrid.training.optim import RWKV7_LORA_PARAMS
 
     return name in RWKV7_LORA_PARAMS
 

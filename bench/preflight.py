@@ -24,7 +24,7 @@ train      the model train_gpt.py builds (`resolve_hyperparameters([], env=...)`
            MFU = bench.flops.training_flops_per_token × tokens/s ÷ peak; peak = bench.flops'
            datasheet dense bf16 table (H100 SXM and H200: 989.4 TFLOP/s, half the "with sparsity"
            figure), or a measured matmul where the device is not in it (the CPU).
-eval       sliding-window evaluation throughput (hybrid/evaluate.py `evaluate`, tail logits, stride
+eval       sliding-window evaluation throughput (hybrid/training/evaluate.py `evaluate`, tail logits, stride
            EVAL_STRIDE, EVAL_BATCH_SEQS windows per batch, compiled forward_logits as train_gpt.py) on
            random tokens with a dummy byte table (1 byte per token): it measures speed only, its
            val_bpb means nothing. First call (compiles) and a second, timed call; scored tokens/s and
@@ -33,7 +33,7 @@ gptq       train_gpt.gptq_export on the (barely trained) model: calibration gene
            GPTQ, wall time, and the dynamo graphs the calibration compiled.
 artifact   quant.artifact.pack_model with the default precision function and the GPTQ output (as
            train_gpt.finish packs it, without the budget fit), model bytes, and the unpack time.
-ttt        TTT=sgd and TTT=lora (hybrid/ttt.py, hybrid/ttt_lora.py) as train_gpt.final_ttt runs them
+ttt        TTT=sgd and TTT=lora (hybrid/training/ttt.py, hybrid/training/ttt_lora.py) as train_gpt.final_ttt runs them
            (sgd compiled on CUDA, lora eager), each on a copy of the model, over random tokens with
            the dummy byte table (speed only): TTT_CHUNK-sized chunks (sgd) and BOS every 2,048
            tokens (lora); seconds, scored tokens/s, and the implied time for the full validation set
@@ -42,7 +42,7 @@ attention  the W layers' attention at the model's shapes: flex_attention with th
            mask (what the model runs on CUDA) vs SDPA with a dense band mask, and full causal SDPA (an
            F layer) for scale; each compiled, forward + backward (forward only on the CPU: flex has no
            CPU backward).
-fused_mlp  MLP_FUSED: hybrid.fused_mlp.bench_fused_mlp at the model's MLP shape (the Triton
+fused_mlp  MLP_FUSED: bench/fused_mlp.py `bench_fused_mlp` at the model's MLP shape (the Triton
            up-projection + activation vs the compiled reference; CUDA and Triton only). End to end:
            `--set MLP_FUSED=auto --sections train` (any train_gpt setting goes in as --set KEY=VALUE).
 
@@ -73,7 +73,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -84,7 +84,7 @@ from bench.bench import TrainStep, _mark, _ms
 from bench.flops import device_peak_flops, mfu, training_flops_per_token
 from data.bpb import ByteLuts
 from hybrid.model import HybridGPT
-from hybrid.optim import build_optimizers
+from hybrid.training.optim import build_optimizers
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
 
@@ -351,7 +351,7 @@ def dummy_luts(vocab_size: int, device: torch.device) -> ByteLuts:
 
 
 def section_eval(ctx: Ctx) -> dict:
-    from hybrid.evaluate import evaluate
+    from hybrid.training.evaluate import evaluate
 
     h, device, rt = ctx.h, ctx.device, ctx.rt
     model = ctx.get_model()
@@ -395,8 +395,8 @@ def section_eval(ctx: Ctx) -> dict:
 def section_ttt(ctx: Ctx) -> dict:
     import copy
 
-    from hybrid.ttt import evaluate_ttt
-    from hybrid.ttt_lora import evaluate_ttt_lora
+    from hybrid.training.ttt import evaluate_ttt
+    from hybrid.training.ttt_lora import evaluate_ttt_lora, lora_settings
 
     h, device, rt = ctx.h, ctx.device, ctx.rt
     model = ctx.get_model()
@@ -428,8 +428,7 @@ def section_ttt(ctx: Ctx) -> dict:
     ctx.sync()
     t = time.perf_counter()
     res, st = evaluate_ttt_lora(net, tokens, h.train_seq_len, luts, device, rt.rank, rt.world_size, autocast,
-                                rank_r=h.ttt_lora_rank, alpha=h.ttt_lora_alpha, lr=h.ttt_lora_lr, chunk=chunk,
-                                docs_per_batch=h.ttt_lora_docs, targets=tuple(h.ttt_lora_targets.split(",")))
+                                **dict(lora_settings(asdict(h)), chunk=chunk))
     ctx.sync()
     lora_s = time.perf_counter() - t
     out.update(ttt_tokens=res.tokens, lora_s=lora_s, lora_docs=st["docs"], lora_steps=st["steps"],
@@ -545,7 +544,8 @@ def section_attention(ctx: Ctx) -> dict:
 
 
 def section_fused_mlp(ctx: Ctx) -> dict:
-    from hybrid.fused_mlp import FUSED_MLP_TRITON, bench_fused_mlp
+    from bench.fused_mlp import bench_fused_mlp
+    from hybrid.kernels.fused_mlp import FUSED_MLP_TRITON
 
     cfg = ctx.cfg
     if not ctx.cuda or not FUSED_MLP_TRITON:

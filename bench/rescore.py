@@ -28,7 +28,7 @@ def ttt_settings(mode: str, overrides: dict | None = None) -> dict:
     (lower-case field names), each parsed and range-checked as the trainer checks it."""
     from dataclasses import fields
 
-    from hybrid.settings import RULES, TTT_LORA_TARGETS, TTT_MODES, SettingError, parse_setting, setting_name
+    from hybrid.training.settings import RULES, TTT_LORA_TARGETS, TTT_MODES, SettingError, parse_setting, setting_name
     from train_gpt import Hyperparameters, _field_type
 
     kinds = {f.name: f for f in fields(Hyperparameters) if f.name.startswith("ttt")}
@@ -41,7 +41,7 @@ def ttt_settings(mode: str, overrides: dict | None = None) -> dict:
                                f"{', '.join(n.upper() for n in kinds)}")
         out[name] = parse_setting(_field_type(kinds[name]), name, raw)
     out["ttt"] = mode
-    for name, value in out.items():  # the trainer's ranges (hybrid/settings.py RULES)
+    for name, value in out.items():  # the trainer's ranges (hybrid/training/settings.py RULES)
         ok, what = RULES.get(name, (lambda v: True, ""))
         if not ok(value):
             raise SettingError(f"{setting_name(name)}={value!r} is out of range: must be {what}")
@@ -61,7 +61,7 @@ def rescore(log_path, stride: int, artifact=None, val_max_tokens: int | None = N
     if val_max_tokens is not None:
         ecfg["val_max_tokens"] = int(val_max_tokens)
     if ttt and ttt["ttt"] == "lora" and int(ttt["ttt_lora_chunk"]) > ecfg["seq_len"]:
-        from hybrid.settings import SettingError, setting_name
+        from hybrid.training.settings import SettingError, setting_name
 
         raise SettingError(f"{setting_name('ttt_lora_chunk')}={ttt['ttt_lora_chunk']} is longer than the run's "
                            f"TRAIN_SEQ_LEN={ecfg['seq_len']}, the context a scored chunk is read with")
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         if not sep:
             ap.error(f"--set {item!r}: write NAME=VALUE")
         overrides[name.strip().lower()] = raw
-    from hybrid.settings import SettingError
+    from hybrid.training.settings import SettingError
 
     t0 = time.perf_counter()
     try:

@@ -31,8 +31,8 @@ import torch
 import train_gpt
 from data.bpb import build_byte_luts, load_tokenizer
 from data.shards import load_validation_tokens
-from hybrid.checkpoint import load_checkpoint
-from hybrid.evaluate import evaluate
+from hybrid.training.checkpoint import load_checkpoint
+from hybrid.training.evaluate import evaluate
 from hybrid.model import HybridGPT
 from quant.artifact import artifact_sections, pack_model, unpack_model
 from quant.budget import ARTIFACT_LIMIT

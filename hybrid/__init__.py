@@ -1,4 +1,5 @@
-"""The models, their kernels and the training pieces the trainer (train_gpt.py) puts together.
+"""The models (here), their kernels (kernels/) and the training pieces (training/) that the trainer
+(train_gpt.py) puts together.
 
 Import modules directly (`from hybrid.model import HybridGPT`); this file re-exports nothing, so
 importing one module never loads the others (a run's counted code is what it imports).
@@ -15,20 +16,11 @@ Models and layers
 - moe_presets.py the seed MoE transformers ("rize", "rish") counted on the meta device
 - presets.py     run presets (smoke, tiny) and named model presets
 
-Kernels, each beside its pure-PyTorch reference
-- wkv7.py        WKV-7 recurrence: wkv7_ref (float reference), wkv7_chunked, dispatcher
-- wkv7_triton.py WKV-7 Triton kernel
-- fused_mlp.py   MLP up-projection + LeakyReLU² as one Triton kernel (MLP_FUSED)
+kernels/ (hybrid/kernels/__init__.py lists them): WKV-7 (reference, chunked, Triton) and the fused MLP,
+each beside its pure-PyTorch reference.
 
-Training pieces
-- settings.py    parsing and checking every setting before the first step (SettingError)
-- optim.py       Newton–Schulz, Muon, parameter groups, EMA
-- schedule.py    LR warmdown, Muon momentum warm-up, the late-QAT switch
-- evaluate.py    sliding-window and stateful evaluation (val_loss, val_bpb)
-- ttt.py         legal score-first test-time training at the final evaluation (TTT=sgd), loaded on use
-- ttt_lora.py    score-first per-document LoRA test-time training (TTT=lora), loaded on use
-- stateful.py    stateful evaluation driver for recurrent models
-- checkpoint.py  resumable checkpoints, the final weights saved before packing, resume checks
+training/ (hybrid/training/__init__.py lists them): settings checks, Muon and Adam groups, schedules,
+evaluation (sliding, stateful), score-first TTT (sgd, lora), checkpoints.
 
 Tests mirror the modules: tests/test_layers.py, tests/test_model.py, tests/test_settings.py, ...
 """

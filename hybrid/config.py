@@ -37,7 +37,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field, fields, make_dataclass
 
-# hybrid.moe / hybrid.rwkv7 / hybrid.wkv7 are imported only where a config uses them: a run's code
+# hybrid.moe / hybrid.rwkv7 / hybrid.kernels.wkv7 are imported only where a config uses them: a run's code
 # bytes count the modules it imports (quant/budget.py), so a hybrid run must not load them.
 
 LAYER_KINDS = {
@@ -47,14 +47,14 @@ LAYER_KINDS = {
     "R": "RWKV-7 time-mix",
 }
 MLP_ACTIVATIONS = ("leaky_relu2", "relu2")
-MLP_FUSED_MODES = ("auto", "triton", "off", "ref")  # = hybrid.fused_mlp.FUSED_MLP_MODES (tested)
+MLP_FUSED_MODES = ("auto", "triton", "off", "ref")  # = hybrid.kernels.fused_mlp.FUSED_MLP_MODES (tested)
 TOKEN_MIXES = ("shift", "ddlerp", "conv", "shiftk", "shift_silu_gate")  # hybrid/token_mix.py
 # K < 16 keeps a conv/shiftk [K, C] tap tensor off Muon and out of the int grid (optim.is_matrix,
 # quant.policy.MIN_MATRIX_DIM): it stays a per-channel control tensor.
 TOKEN_MIX_MAX_KERNEL = 15
 BLOCK_STYLES = ("hybrid", "rwkv")
 RWKV_FFNS = ("mlp", "cmix")
-# WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/wkv7.py).
+# WKV chunks: the chunked form's factors reach e^{c/2·0.607}; fp32 holds up to c ≈ 130 (hybrid/kernels/wkv7.py).
 RWKV_MAX_CHUNK = 128
 # ModelConfig's MoE settings -> the field of hybrid.moe.MoEConfig (the MoE layer's own config, also
 # used by the seed presets and the peer tests) each one sets; MoEConfig.validate holds their rules.
@@ -109,7 +109,7 @@ class ModelConfig:
     mlp_act: str = field(default="leaky_relu2", metadata={"help": "leaky_relu2 (leaky_relu(x, 0.5)², golf PR #493) | relu2 (the baseline's)"})
     # Off by default until a GPU measurement shows it pays (docs/PERF.md); "off" is bit-identical to
     # the unfused MLP.
-    mlp_fused: str = field(default="off", metadata={"help": "MLP up-projection + activation as one Triton kernel (hybrid/fused_mlp.py): "
+    mlp_fused: str = field(default="off", metadata={"help": "MLP up-projection + activation as one Triton kernel (hybrid/kernels/fused_mlp.py): "
                                                             "auto (CUDA bf16/fp16) | triton (always; errors without it) | off"})
     layer_pattern: str = field(default="TTTWTTWTTWTF", metadata={"help": "one letter per layer: T token-shift, W windowed attention, "
                                                                          "F full attention, R RWKV-7 time-mix; lower case = the same "
@@ -143,7 +143,7 @@ class ModelConfig:
     rwkv_ffn: str = field(default="mlp", metadata={"help": "FFN of R layers, hidden mlp_mult × model_dim: mlp (the hybrid MLP) | cmix "
                                                            "(RWKV-7 channel-mix, token-shifted relu²)"})
     rwkv_chunk: int = field(default=16, metadata={"help": "chunk of the PyTorch WKV-7 form / checkpoint interval of the Triton kernel"})
-    rwkv_impl: str = field(default="auto", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton (hybrid/wkv7.py)"})
+    rwkv_impl: str = field(default="auto", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton (hybrid/kernels/wkv7.py)"})
     # ---- Mixture of Experts (lower-case layers) -------------------------------------------------
     # Each moe_X is field MOE_FIELDS[moe_X] of the hybrid.moe.MoEConfig every MoE layer is built with
     # (`moe_config`); MoEConfig.validate holds their rules.
@@ -297,7 +297,7 @@ class ModelConfig:
             check_rwkv_block_style(self, need)
 
     def _validate_rwkv(self, need) -> None:
-        from hybrid.wkv7 import WKV7_IMPLS
+        from hybrid.kernels.wkv7 import WKV7_IMPLS
 
         need(self.rwkv_head_size > 0 and self.model_dim % self.rwkv_head_size == 0,
              f"model_dim {self.model_dim} must be divisible by rwkv_head_size {self.rwkv_head_size} "

@@ -109,7 +109,7 @@ class MLP(nn.Module):
 
     act "relu2" = relu(x)^2 (baseline, modded-nanogpt); "leaky_relu2" = leaky_relu(x, 0.5)^2
     (golf PR #493, about -0.003 bpb; docs/TECHNIQUES.md, "MLP width and activation").
-    fused: "auto" | "triton" | "off" (= "ref"), fc -> act as one Triton kernel (hybrid/fused_mlp.py);
+    fused: "auto" | "triton" | "off" (= "ref"), fc -> act as one Triton kernel (hybrid/kernels/fused_mlp.py);
     "auto" takes it on CUDA under bf16/fp16, and the unfused code below everywhere else. The kernel
     module is imported only when asked for: a run counts the code it imports (quant/budget.py)."""
 
@@ -117,13 +117,13 @@ class MLP(nn.Module):
         super().__init__()
         if act not in ("relu2", "leaky_relu2"):
             raise ValueError(f"MLP act must be 'relu2' or 'leaky_relu2', got {act!r}")
-        if fused not in ("off", "ref", "auto", "triton"):  # = hybrid.fused_mlp.FUSED_MLP_MODES (tested)
+        if fused not in ("off", "ref", "auto", "triton"):  # = hybrid.kernels.fused_mlp.FUSED_MLP_MODES (tested)
             raise ValueError(f"MLP fused must be one of off, ref, auto, triton, got {fused!r}")
         self.leaky = act == "leaky_relu2"
         self.fused = fused
         self._use_fused = self._mlp_up_act = None
         if fused in ("auto", "triton"):
-            from hybrid.fused_mlp import mlp_up_act_linear, use_fused_mlp
+            from hybrid.kernels.fused_mlp import mlp_up_act_linear, use_fused_mlp
 
             self._use_fused, self._mlp_up_act = use_fused_mlp, mlp_up_act_linear
         self.fc = CastedLinear(dim, hidden)

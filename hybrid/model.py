@@ -19,7 +19,7 @@ untouched). MoE layers return their weighted aux loss, which `forward` adds to t
 non-persistent buffers, read by `expert_load_stats()`, so nothing syncs with the host during the
 forward. `after_optimizer_step()` applies the aux-loss-free bias update (a no-op without MoE).
 
-Evaluation paths (hybrid/evaluate.py): `forward_logits(ids, last)` runs the head only on the last `last`
+Evaluation paths (hybrid/training/evaluate.py): `forward_logits(ids, last)` runs the head only on the last `last`
 positions (sliding-window eval scores only a window's tail); `forward_logits_stateful(ids, state)`
 carries every recurrent state across calls (R: token shift + WKV; SmearGate, BigramHash: one token; T:
 one token, or the last K−1 for token_mix conv/shiftk)

@@ -9,7 +9,7 @@ token t (arXiv:2503.14456, BlinkDL RWKV-LM `RWKV-v7/train_temp/src/model.py`; do
     a = σ(a0 + x^a A1 A2)  ("in-context learning rate"),  g = σ(x^g G1) G2  (output gate)
     v ← v + (v_first − v)⊙σ(v0 + x^v V1 V2)   in every layer but the first, which sets v_first = v
     κ̂ = L2-normalize_per_head(k⊙k_k),  k̃ = k⊙(1 + (a − 1)⊙k_a)
-    y, S = WKV7(r, log d, k̃, v, α = −κ̂, β = κ̂⊙a; S)   (hybrid/wkv7.py; S [B, H, N, N] fp32)
+    y, S = WKV7(r, log d, k̃, v, α = −κ̂, β = κ̂⊙a; S)   (hybrid/kernels/wkv7.py; S [B, H, N, N] fp32)
     o = GroupNorm_H(y) + (Σ_head r⊙k̃⊙r_k)·v;   out = W_o(o⊙g)
   channel-mix: out = W_v relu(W_k (x + δ⊙μ_k))²
   block: x = ln0(x) (layer 0 only);  x += TimeMix(ln1(x));  x += ChannelMix(ln2(x))   (pre-LN, LayerNorm)
@@ -22,7 +22,7 @@ Parameter names and shapes follow the reference checkpoints (`blocks.{i}.att.w1`
 Parameters cast to the activation dtype at use; the decay and the state stay fp32. Each LoRA factor also
 has a parameter-free QAT handle (`att.lora_qat.w1`, …, `RWKV7LoRAQAT`) so that late QAT reaches it
 without renaming it. The time-mix, channel-mix and ln_x carry `optim_recipe = "rwkv7"`, which
-hybrid/optim.py reads to apply the reference optimizer recipe to their own parameters.
+hybrid/training/optim.py reads to apply the reference optimizer recipe to their own parameters.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hybrid.layers import CastedLinear
-from hybrid.wkv7 import wkv7
+from hybrid.kernels.wkv7 import wkv7
 
 # −e^{−1/2}: the decay soft clamp (rwkv7_clampw.cu W_SCALE, FLA `fla/layers/rwkv7.py`).
 RWKV7_LOG_DECAY_SCALE = -math.exp(-0.5)
@@ -107,7 +107,7 @@ class RWKV7GroupNorm(nn.Module):
     head size, which is the same at N = 64. Own module (not nn.GroupNorm) so its weight keeps the
     time-mix's layer-scaled init: nothing outside resets it to 1."""
 
-    optim_recipe = "rwkv7"  # Adam, no weight decay (hybrid/optim.py; docs/TECHNIQUES.md "RWKV-7 optimizer recipe")
+    optim_recipe = "rwkv7"  # Adam, no weight decay (hybrid/training/optim.py; docs/TECHNIQUES.md "RWKV-7 optimizer recipe")
 
     def __init__(self, num_heads: int, dim: int, eps: float):
         super().__init__()
@@ -131,7 +131,7 @@ class RWKV7TimeMix(nn.Module):
     layer needs v_first. `state` = (shift, wkv) carried from a previous call, for long-context eval.
     `lora_qat[n]` is the late-QAT handle of LoRA factor n (RWKV7LoRAQAT)."""
 
-    # hybrid/optim.py: this module's own parameters (vectors, r_k, LoRA factors) follow the RWKV-7
+    # hybrid/training/optim.py: this module's own parameters (vectors, r_k, LoRA factors) follow the RWKV-7
     # recipe (Adam, no weight decay, 2x lr on w0); its CastedLinear children stay with Muon.
     optim_recipe = "rwkv7"
 

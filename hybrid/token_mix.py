@@ -21,7 +21,7 @@ K = token_mix_kernel (the current token included, so K − 1 past tokens). Each 
 `lookback` = how many past inputs its output at t reads (1, or K − 1), and `step(x, past)` runs it on a
 chunk continuing from the carried last `lookback` inputs (stateful evaluation, hybrid/model.py).
 
-Parameter naming follows the optimizer and export rules (hybrid/optim.py, quant/policy.py): per-channel
+Parameter naming follows the optimizer and export rules (hybrid/training/optim.py, quant/policy.py): per-channel
 vectors (mu_*) are 1-D, so Adam and fp32; the [K, C] tap/logit tensors (conv_mix_*, mix_*) carry the
 control word "mix" and have K < 16 rows (ModelConfig caps K at TOKEN_MIX_MAX_KERNEL), so they stay with
 Adam (is_matrix needs min(shape) >= 16) and in float in the artifact; the ddlerp LoRA factors

@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--arch", default="hybrid", choices=["hybrid", "gpt", "rwkv7", "moe"],
                    help="also bundle the modules this architecture imports lazily (rwkv7, moe)")
     b.add_argument("--with", dest="with_modules", default="",
-                   help="comma list of further lazily imported modules, e.g. quant.gptq,hybrid.fused_mlp")
+                   help="comma list of further lazily imported modules, e.g. quant.gptq,hybrid.kernels.fused_mlp")
     b.set_defaults(fn=cmd_bundle)
     v = sub.add_parser("verify", help="recompute a record folder's bytes and val_bpb")
     v.add_argument("folder")

@@ -47,7 +47,7 @@ PACKERS = ("auto", "lzma", "brotli", "none")  # auto: the smaller of lzma and br
 # Modules a default (hybrid) run never imports but another --arch does lazily; `--arch` adds them.
 ARCH_MODULES: dict[str, tuple[str, ...]] = {
     "hybrid": (), "gpt": (),
-    "rwkv7": ("hybrid.rwkv7", "hybrid.wkv7", "hybrid.wkv7_triton"),
+    "rwkv7": ("hybrid.rwkv7", "hybrid.kernels.wkv7", "hybrid.kernels.wkv7_triton"),
     "moe": ("hybrid.moe",),
 }
 
@@ -154,15 +154,15 @@ def run_modules(hparams: dict) -> tuple[str, ...]:
     if int(hparams.get("gptq", 0) or 0):
         extra.append("quant.gptq")
     if str(hparams.get("mlp_fused", "off")) in ("auto", "triton"):
-        extra.append("hybrid.fused_mlp")
+        extra.append("hybrid.kernels.fused_mlp")
     if int(hparams.get("bitpack", 0) or 0):
         extra.append("quant.bitpack")
     if str(hparams.get("eval_mode", "sliding")) == "stateful":
-        extra.append("hybrid.stateful")
+        extra.append("hybrid.training.stateful")
     if hparams.get("preset"):
         extra.append("hybrid.presets")
     if str(hparams.get("ttt", "off")) in ("sgd", "lora"):  # score-first TTT at the final evaluation
-        extra.append("hybrid.ttt" if hparams["ttt"] == "sgd" else "hybrid.ttt_lora")
+        extra.append("hybrid.training.ttt" if hparams["ttt"] == "sgd" else "hybrid.training.ttt_lora")
     if int(hparams.get("fit_budget", 0) or 0):
         extra.append("quant.fit")  # the budget fit (train_gpt.finish imports it when FIT_BUDGET=1)
     return tuple(extra)

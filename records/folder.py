@@ -146,7 +146,8 @@ def new_record(name: str, logs: list, artifact, track: str = "10min_16mb", autho
         "compliance": {"artifact_under_16mb": bytes_code + bytes_model <= 16_000_000,
                        "score_first_ttt": ttt_ran, "no_pre_quant_ttt": True, "three_seeds": len(runs) >= 3},
         "ttt": ({"mode": art_run.hparams.get("ttt"), **{k: art_run.hparams.get(f"ttt_{k}") for k in (
-                    ("lora_rank", "lora_alpha", "lora_lr", "lora_chunk", "lora_docs", "lora_targets")
+                    ("lora_rank", "lora_alpha", "lora_lr", "lora_chunk", "lora_docs", "lora_targets", "lora_phases",
+                     "lora_phase_docs", "lora_phase_lr", "lora_phase_epochs")
                     if art_run.hparams.get("ttt") == "lora" else ("chunk", "epochs", "lr", "momentum", "clip"))}}
                 if ttt_ran else None),
     }

@@ -25,7 +25,7 @@ _STOP = re.compile(r"^stopping_early: wallclock_cap train_time:(\d+)ms step:(\d+
 # value of each step (the entries logged past the checkpoint before the kill are dropped).
 _RESUME = re.compile(r"^resume:from \S+ step:(\d+)")
 _SHA256 = re.compile(r"^artifact_sha256:([0-9a-f]{64})\b")
-# Score-first TTT (hybrid/ttt.py) after the plain round trip: its score is the run's final score.
+# Score-first TTT (hybrid/training/ttt.py) after the plain round trip: its score is the run's final score.
 _TTT_FINAL = re.compile(r"^final_int\d+_\w+?_roundtrip_ttt_exact val_loss:(\S+) val_bpb:(\S+)")
 _TTT = re.compile(r"^ttt mode:(\S+) ")
 _RUN = re.compile(r"^run_id:\S+ arch:\S+ preset:\S+ world_size:(\d+) ")

@@ -7,7 +7,7 @@ the model configs their hyperparameters resolve to must be equal, and so must th
 and shapes; otherwise a MergeError names the differing key. The weights must sum to 1 (within 1e-6)
 unless `--no-normalize`.
 
-The output is a training checkpoint (hybrid/checkpoint.py format: RESUME, bench/size.py) whose
+The output is a training checkpoint (hybrid/training/checkpoint.py format: RESUME, bench/size.py) whose
 optimizer state, loader position and step are the first checkpoint's; `merge` records the sources
 and weights. `--pack` also writes an artifact of the merged export weights (EMA if present, as the
 trainer exports).
@@ -60,7 +60,7 @@ def _merge_dicts(dicts: list[dict], weights: list[float], what: str, paths: list
 
 
 def merge_checkpoints(paths: list, weights: list[float], normalize: bool = True) -> dict:
-    from hybrid.checkpoint import load_checkpoint
+    from hybrid.training.checkpoint import load_checkpoint
 
     if len(paths) < 2:
         raise MergeError("merge needs at least two checkpoints")

@@ -64,7 +64,7 @@ def evaluate_model(model, eval_cfg: dict, data_path: str, tokenizer_path: str, v
 
     from data.bpb import build_byte_luts, load_tokenizer
     from data.shards import load_validation_tokens
-    from hybrid.evaluate import evaluate
+    from hybrid.training.evaluate import evaluate
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     model = model.to(device)
@@ -255,14 +255,14 @@ def verify_folder(folder, data_path: str | None = None, tokenizer_path: str | No
 
 def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tokenizer_path: str,
                        world_size: int = 1):
-    """The run's score-first TTT evaluation (hybrid/ttt.py) of a copy of `model`, with its settings."""
+    """The run's score-first TTT evaluation (hybrid/training/ttt.py) of a copy of `model`, with its settings."""
     import copy
 
     import torch
 
     from data.bpb import build_byte_luts, load_tokenizer
     from data.shards import load_validation_tokens
-    from hybrid.ttt import evaluate_ttt
+    from hybrid.training.ttt import evaluate_ttt
 
     device = next(model.parameters()).device
     sp = load_tokenizer(tokenizer_path, eval_cfg["vocab_size"])
@@ -271,14 +271,10 @@ def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tok
                                     eval_cfg["val_max_tokens"])
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device.type == "cuda" else None
     if hparams.get("ttt") == "lora":  # one process batches the documents as the run's ranks did
-        from hybrid.ttt_lora import evaluate_ttt_lora
+        from hybrid.training.ttt_lora import evaluate_ttt_lora, lora_settings
 
         res, _ = evaluate_ttt_lora(model, tokens, eval_cfg["seq_len"], luts, device, 0, 1, autocast,
-                                   rank_r=int(hparams["ttt_lora_rank"]), alpha=float(hparams["ttt_lora_alpha"]),
-                                   lr=float(hparams["ttt_lora_lr"]), chunk=int(hparams["ttt_lora_chunk"]),
-                                   docs_per_batch=int(hparams["ttt_lora_docs"]),
-                                   targets=tuple(str(hparams["ttt_lora_targets"]).split(",")),
-                                   layout_world_size=int(world_size))
+                                   layout_world_size=int(world_size), **lora_settings(hparams))
         return res
     res, _ = evaluate_ttt(copy.deepcopy(model), tokens, eval_cfg["seq_len"], eval_cfg["stride"], luts,
                           eval_cfg["batch_seqs"], device, 0, 1, autocast, chunk_tokens=int(hparams["ttt_chunk"]),

@@ -22,7 +22,7 @@ from hybrid.model import Block, HybridGPT, RWKVBlock, expert_load_summary
 from hybrid.presets import model_preset_report as named_model_preset
 from hybrid.moe import MoEFFN
 from hybrid.moe_presets import MOE_PRESETS, count_active_params, param_breakdown
-from hybrid.optim import split_params
+from hybrid.training.optim import split_params
 from hybrid.rwkv7 import (RWKV7_PRESETS, RWKV7LM, RWKV7ChannelMix, RWKV7LoRAQAT, RWKV7TimeMix,
                            rwkv7_param_count)
 from quant.artifact import pack_model, unpack_model
@@ -187,7 +187,7 @@ def test_hybrid_run_does_not_load_the_rwkv_and_moe_modules():
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = out.stdout
-    for mod in ("hybrid.rwkv7", "hybrid.wkv7", "hybrid.moe", "hybrid.moe_presets", "hybrid.token_mix"):
+    for mod in ("hybrid.rwkv7", "hybrid.kernels.wkv7", "hybrid.moe", "hybrid.moe_presets", "hybrid.token_mix"):
         assert f"'{mod}'" not in loaded, loaded
 
 

@@ -1,4 +1,4 @@
-"""hybrid/checkpoint.py in the trainer: the final weights reach the disk before packing, a failed
+"""hybrid/training/checkpoint.py in the trainer: the final weights reach the disk before packing, a failed
 pack is repacked from them without training, and a resume with other training settings stops."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt
-from hybrid.checkpoint import RESUME_FREE, resume_mismatches
+from hybrid.training.checkpoint import RESUME_FREE, resume_mismatches
 from records.logs import parse_log
 
 ROUNDTRIP = re.compile(r"^final_int\d+_\w+_roundtrip_exact val_loss:([0-9.]+) val_bpb:([0-9.]+)", re.M)

@@ -26,10 +26,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 from torch._dynamo.utils import counters
 
 from bench.preflight import dummy_luts
-from hybrid.evaluate import evaluate, window_batches, window_plan
+from hybrid.training.evaluate import evaluate, window_batches, window_plan
 from hybrid.model import HybridGPT
-from hybrid.optim import EMA, Muon, build_optimizers
-from hybrid.schedule import muon_momentum
+from hybrid.training.optim import EMA, Muon, build_optimizers
+from hybrid.training.schedule import muon_momentum
 from quant.policy import make_precision_fn
 from quant.qat import set_qat
 from train_gpt import resolve_hyperparameters

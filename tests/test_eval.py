@@ -1,4 +1,4 @@
-"""hybrid/evaluate.py on CPU: the fast sliding evaluation against the reference loop, its static batch
+"""hybrid/training/evaluate.py on CPU: the fast sliding evaluation against the reference loop, its static batch
 shapes and rank split; tail-only logits; the stateful (recurrent) evaluation against one forward over
 the whole stream, and its refusal of attention models; the window plan scores every target once, and
 evaluate() against a float64 hand computation of the loss and bpb.
@@ -18,8 +18,8 @@ from conftest import randomize_
 
 from data.bpb import token_bytes
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
-from hybrid.stateful import stateful_evaluate as evaluate_stateful
-from hybrid.evaluate import (
+from hybrid.training.stateful import stateful_evaluate as evaluate_stateful
+from hybrid.training.evaluate import (
     eval_mode_tag,
     evaluate,
     evaluate_ref,

@@ -1,4 +1,4 @@
-"""The fused MLP up-projection (hybrid/fused_mlp.py): dispatch, the reference path, and the Triton
+"""The fused MLP up-projection (hybrid/kernels/fused_mlp.py): dispatch, the reference path, and the Triton
 kernel under the interpreter against a float64 reference.
 
 Run: python -m pytest -q tests/test_fused_mlp.py   (CPU, ~30 s; the CUDA tests run only on a GPU)
@@ -18,10 +18,10 @@ import torch
 import torch.nn.functional as F
 from conftest import randomize_
 
-from hybrid.fused_mlp import (
+from bench.fused_mlp import bench_fused_mlp
+from hybrid.kernels.fused_mlp import (
     INTERPRET,
     FUSED_MLP_TRITON,
-    bench_fused_mlp,
     mlp_up_act,
     mlp_up_act_linear,
     mlp_up_act_op,
@@ -253,7 +253,7 @@ def test_cuda_bench_runs():
 
 def test_config_modes_match_the_kernel_module():
     from hybrid.config import MLP_FUSED_MODES, ModelConfig
-    from hybrid.fused_mlp import FUSED_MLP_MODES
+    from hybrid.kernels.fused_mlp import FUSED_MLP_MODES
 
     assert MLP_FUSED_MODES == FUSED_MLP_MODES
     with pytest.raises(ValueError, match="mlp_fused"):

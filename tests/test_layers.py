@@ -634,7 +634,7 @@ def test_token_mix_flows_from_hyperparameters():
 def test_token_mix_params_get_optimizer_groups_and_export_precision(kind):
     """At full width (C = 512, meta device): LoRA factors are Muon matrices stored as int; the vectors
     and [K, C] taps are Adam control tensors stored in fp32."""
-    from hybrid.optim import split_params
+    from hybrid.training.optim import split_params
     from quant.policy import make_precision_fn, tensor_group
 
     cfg = ModelConfig(token_mix=kind, token_mix_kernel=8)

@@ -1,4 +1,4 @@
-"""hybrid/optim.py: Newton–Schulz (batched, compiled), Muon (the hand formula, banks, the balanced
+"""hybrid/training/optim.py: Newton–Schulz (batched, compiled), Muon (the hand formula, banks, the balanced
 rank plan, two gloo ranks against one, bit for bit), EMA, and the optimizer parameter groups: the
 generic rules for every architecture, and the RWKV-7 recipe of BlinkDL RWKV-LM / modded-nanogpt-rwkv
 (docs/TECHNIQUES.md, "RWKV-7 optimizer recipe") for RWKV-7 modules only.
@@ -24,7 +24,7 @@ from conftest import ROOT
 
 from hybrid.config import ARCH_DEFAULTS, ModelConfig
 from hybrid.model import HybridGPT
-from hybrid.optim import EMA, Muon, build_optimizers, split_params, zeropower_via_newtonschulz5
+from hybrid.training.optim import EMA, Muon, build_optimizers, split_params, zeropower_via_newtonschulz5
 
 
 # --- Newton–Schulz and Muon --------------------------------------------------------------------
@@ -70,7 +70,7 @@ def test_batched_newton_schulz_equals_one_matrix_at_a_time():
 
 
 def test_compiled_newton_schulz_equals_eager():
-    from hybrid.optim import compiled_zeropower
+    from hybrid.training.optim import compiled_zeropower
 
     g = torch.randn(3, 24, 40, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(compiled_zeropower()(g), zeropower_via_newtonschulz5(g), rtol=1e-5, atol=1e-5)
@@ -115,7 +115,7 @@ def _default_muon(world_size: int, cfg=None):
 
 
 def _rank_loads(opt) -> list[int]:
-    from hybrid.optim import ns_cost
+    from hybrid.training.optim import ns_cost
 
     load = [0] * opt.world_size
     for _, params, _, counts in opt.plan():
@@ -127,7 +127,7 @@ def _rank_loads(opt) -> list[int]:
 def test_muon_shards_balance_newton_schulz_over_8_ranks():
     """The default hybrid on 8 ranks: the old contiguous ceil(n/8) split gave the MLP banks of 12 to
     ranks 0-5 only (max/min Newton–Schulz load 3.85); the balanced plan is within 0.5%."""
-    from hybrid.optim import ns_cost
+    from hybrid.training.optim import ns_cost
 
     opt = _default_muon(8)
     load = _rank_loads(opt)
@@ -145,7 +145,7 @@ def test_muon_plan_runs_every_matrix_once(arch, world):
     """Every matrix is run by exactly one rank, at most ceil(n / W) per rank and bank (the all-gather
     slots of a plain split), and the plan is a function of the shapes alone (the same on every rank)."""
     from hybrid.config import ARCH_DEFAULTS, ModelConfig
-    from hybrid.optim import balance_banks
+    from hybrid.training.optim import balance_banks
 
     opt = _default_muon(world, ModelConfig(**ARCH_DEFAULTS[arch]))
     seen = []
@@ -168,7 +168,7 @@ def test_muon_plan_runs_every_matrix_once(arch, world):
 
 MUON_WORKER = r"""
 import sys, torch, torch.distributed as dist
-from hybrid.optim import Muon
+from hybrid.training.optim import Muon
 rank, world, out, init = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 if world > 1:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
@@ -293,7 +293,7 @@ def signature(model, optimizers) -> list[tuple]:
     return out
 
 
-# Captured with hybrid/optim.py before the RWKV-7 recipe existed (same H and SMALL): these
+# Captured with hybrid/training/optim.py before the RWKV-7 recipe existed (same H and SMALL): these
 # architectures have no RWKV-7 module and no LayerNorm, so their groups must not move.
 TODAY = {
     "hybrid": [
@@ -461,7 +461,8 @@ def test_trainer_hyperparameters_suffice():
 
 
 def test_lora_names_agree_with_the_model():
-    from hybrid import optim, rwkv7
+    from hybrid import rwkv7
+    from hybrid.training import optim
 
     assert optim.RWKV7_LORA_PARAMS == rwkv7.RWKV7_LORA_NAMES
     tm = make_model("rwkv7").blocks[1].att

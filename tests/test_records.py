@@ -142,7 +142,7 @@ def test_merge_identity_weights_and_mismatch(tiny_runs, tmp_path):
         assert torch.equal(merged["ema"][k], t), k
     out = save_merged(merged, tmp_path / "m.pt")
     # loadable by the trainer's RESUME path and strict into the model
-    from hybrid.checkpoint import load_checkpoint
+    from hybrid.training.checkpoint import load_checkpoint
     from hybrid.model import HybridGPT
     from train_gpt import Hyperparameters
 

@@ -38,7 +38,7 @@ from hybrid.rwkv7 import (
     rwkv7_param_count,
     rwkv7_reference_state_dict,
 )
-from hybrid.wkv7 import wkv7, wkv7_chunked, wkv7_ref
+from hybrid.kernels.wkv7 import wkv7, wkv7_chunked, wkv7_ref
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG_DECAY_MIN = -math.exp(-0.5)
@@ -150,8 +150,8 @@ def test_dispatch_and_decay_bounds():
 
 TRITON_SCRIPT = r"""
 import json, torch
-from hybrid.wkv7_triton import TRITON_AVAILABLE, wkv7_triton
-from hybrid.wkv7 import wkv7_ref
+from hybrid.kernels.wkv7_triton import TRITON_AVAILABLE, wkv7_triton
+from hybrid.kernels.wkv7 import wkv7_ref
 from hybrid.rwkv7 import RWKV7TimeMix
 from tests.test_rwkv7 import loss_and_grads, wkv_inputs, randomize_
 out = {"available": TRITON_AVAILABLE, "cases": []}

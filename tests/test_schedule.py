@@ -1,10 +1,10 @@
-"""hybrid/schedule.py: the learning-rate warmdown by iteration and by wallclock, the Muon momentum
+"""hybrid/training/schedule.py: the learning-rate warmdown by iteration and by wallclock, the Muon momentum
 warmup, and when QAT switches on."""
 from __future__ import annotations
 
 import pytest
 
-from hybrid.schedule import lr_scale, muon_momentum, qat_should_enable
+from hybrid.training.schedule import lr_scale, muon_momentum, qat_should_enable
 
 
 def test_lr_schedule_iteration_and_wallclock():

@@ -1,4 +1,4 @@
-"""hybrid/settings.py: every bad setting stops the trainer before anything trains, with one line
+"""hybrid/training/settings.py: every bad setting stops the trainer before anything trains, with one line
 that names the variable, and no traceback."""
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import train_gpt
-from hybrid.settings import SettingError, parse_setting
+from hybrid.training.settings import SettingError, parse_setting
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -112,7 +112,7 @@ def test_valid_run_still_resolves(monkeypatch):
 
 
 def test_lora_target_list_matches_the_module():
-    from hybrid.settings import TTT_LORA_TARGETS
-    from hybrid.ttt_lora import LORA_TARGETS
+    from hybrid.training.settings import TTT_LORA_TARGETS
+    from hybrid.training.ttt_lora import LORA_TARGETS
 
     assert TTT_LORA_TARGETS == LORA_TARGETS

@@ -3,6 +3,7 @@ the loss falls and the round trip stays close; a resumed run reproduces the unin
 2-process gloo run equals a 1-process run with gradient accumulation; a diverging run stops."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -181,20 +182,25 @@ def test_ttt_run_scores_after_the_round_trip_and_verify_reruns_it(tmp_path, samp
 
 
 def test_lora_ttt_run_leaves_the_artifact_and_verify_reruns_it(tmp_path, sample_corpus):
-    """TTT=lora: per-document adapters after the plain round trip; a record of the run verifies."""
+    """TTT=lora with 2 phases of global SGD: per-document adapters after the plain round trip, the base
+    trained on each scored phase; a record of the run verifies (verify re-runs the phases)."""
     from records.folder import new_record
     from records.logs import parse_log
     from records.verify import verify_folder
 
     data_dir, tokenizer = sample_corpus
     env = {"ITERATIONS": 4, "WARMDOWN_ITERS": 2, "TTT": "lora", "TTT_LORA_CHUNK": 32, "TTT_LORA_LR": 0.01,
+           "TTT_LORA_PHASES": 2, "TTT_LORA_PHASE_DOCS": 8, "TTT_CHUNK": 512, "TTT_LORA_PHASE_LR": 0.01,
            "EVAL_PREQUANT": 0, "VAL_MAX_TOKENS": 4096, "DATA_PATH": data_dir, "TOKENIZER_PATH": tokenizer}
     _, log = run_trainer(tmp_path, "lora", env)
     run = parse_log(tmp_path / "logs" / "lora.txt")
     assert run.ttt_mode == "lora" and run.ttt_val_bpb is not None and run.world_size == 1
-    assert re.search(r"^ttt mode:lora rank:8 .* docs:(\d+) chunks:(\d+) steps:(\d+) ", log, re.M)
+    assert re.search(r"^ttt mode:lora rank:8 .* docs:(\d+) chunks:(\d+) steps:(\d+) phases:2 phase_steps:[1-9]",
+                     log, re.M)
     folder = new_record("LoRA", [tmp_path / "logs" / "lora.txt"], tmp_path / "logs" / "lora.ptz", date="2026-01-05",
                         records_dir=tmp_path)
     lines = []
     assert verify_folder(folder, str(data_dir), str(tokenizer), echo=lines.append) == [], "\n".join(lines)
     assert any(line.startswith("ok    ttt val_bpb: re-evaluated") for line in lines)
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["ttt"]["mode"] == "lora" and sub["ttt"]["lora_phases"] == 2 and sub["ttt"]["lora_phase_docs"] == 8

@@ -1,4 +1,4 @@
-"""hybrid/ttt.py: legal score-first test-time training on CPU. Without updates it is evaluate's single
+"""hybrid/training/ttt.py: legal score-first test-time training on CPU. Without updates it is evaluate's single
 pass exactly; every target is scored once, with the same token and byte counts, for any chunk size;
 a token is scored before any update that has seen it; scores are causal and full-softmax; training
 really adapts the model (a repeated stream gets much cheaper); the model given is trained, a copy is
@@ -29,9 +29,9 @@ from conftest import randomize_  # noqa: E402
 
 from data.bpb import token_bytes  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
-from hybrid.evaluate import evaluate, window_plan  # noqa: E402
+from hybrid.training.evaluate import evaluate, window_plan  # noqa: E402
 from hybrid.model import HybridGPT  # noqa: E402
-from hybrid.ttt import chunk_bounds, chunk_lr, chunk_windows, evaluate_ttt, train_windows  # noqa: E402
+from hybrid.training.ttt import chunk_bounds, chunk_lr, chunk_windows, evaluate_ttt, train_windows  # noqa: E402
 
 V = 64
 CPU = torch.device("cpu")

@@ -1,4 +1,4 @@
-"""hybrid/ttt_lora.py: per-document LoRA score-first TTT on CPU. Without updates it is a plain causal
+"""hybrid/training/ttt_lora.py: per-document LoRA score-first TTT on CPU. Without updates it is a plain causal
 scoring of every target inside its document (float64 reference), with evaluate's token and byte
 counts; a chunk is scored before the adapters learn from it; scores are causal (a later BOS moves no
 earlier score either); the adapters are reset per document; scores are full-softmax; batching does
@@ -28,11 +28,12 @@ for _p in (str(ROOT), str(ROOT / "tests")):
 
 from conftest import randomize_  # noqa: E402
 
-import hybrid.ttt_lora as ttt_lora  # noqa: E402
+import hybrid.training.ttt_lora as ttt_lora  # noqa: E402
 from data.bpb import token_bytes  # noqa: E402
 from hybrid.config import ModelConfig  # noqa: E402
 from hybrid.model import HybridGPT  # noqa: E402
-from hybrid.ttt_lora import adapter_targets, evaluate_ttt_lora, find_documents, split_documents  # noqa: E402
+from hybrid.training.ttt_lora import (adapter_targets, evaluate_ttt_lora, find_documents, phase_groups,  # noqa: E402
+                                      split_documents)
 from tests.test_eval import _one_thread, make_luts, make_tokens  # noqa: E402,F401  (V = 64; fixture)
 
 V, BOS = 64, 1
@@ -315,7 +316,56 @@ def test_targets_and_refusals():
     assert (res.tokens, stats["docs"]) == (0, 0)
 
 
+# --- 10. phases: global SGD of the base on scored groups of documents -------------------------------------------
+
+def test_phase_groups():
+    assert phase_groups(10, 0, 2000) == [(0, 10)]
+    assert phase_groups(10, 2, 6) == [(0, 3), (3, 6), (6, 10)]
+    assert phase_groups(10, 3, 2000) == [(0, 3), (3, 7), (7, 10)]  # every document in a phase: no rest
+    assert phase_groups(2, 3, 2000) == [(0, 1), (1, 2)]  # empty groups dropped
+
+
+def test_phases_score_before_training_the_base():
+    """2 phases over the first 6 documents (groups: prefix + 2 docs, 3 docs, the rest): group 1 is
+    read by the untrained base (bit for bit the phase_lr = 0 run), every later score moves; a token
+    perturbed in a later group changes no earlier target bit for bit; the caller's model is untouched."""
+    model, (tokens, starts) = tiny(), doc_stream()
+    snapshot = copy.deepcopy(model.state_dict())
+    kw = dict(lr=0.02, phases=2, phase_docs=6, phase_chunk=64, phase_seqs=2)
+    _, off = run(model, tokens, **dict(kw, phase_lr=0.0))
+    _, on = run(model, tokens, **dict(kw, phase_lr=0.05))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), snapshot.values()))
+    g1, g2 = starts[2], starts[5]  # group 1 = the prefix and documents 0-1 (targets < g1), group 2 = 2-4
+    assert torch.equal(on["per_token"][:g1], off["per_token"][:g1])
+    assert (on["per_token"][g1:] - off["per_token"][g1:]).abs().max() > 1e-4
+    assert on["phases"] == 2 and on["phase_steps"] > 0 and off["phases"] == 0
+    for pos in (g1 + 3, g2 + 2, starts[8] + 1):  # in groups 2 and 3
+        bad = tokens.clone()
+        bad[pos] = bump(bad[pos])
+        _, pert = run(model, bad, **dict(kw, phase_lr=0.05))
+        assert torch.equal(pert["per_token"][:pos - 1], on["per_token"][:pos - 1]), pos
+        assert not torch.equal(pert["per_token"][pos - 1:], on["per_token"][pos - 1:]), pos
+    # the base trained on group 1 changes group 2's scores only through what group 1 holds
+    bad = tokens.clone()
+    bad[starts[0] + 5] = bump(bad[starts[0] + 5])  # a token of document 0 (group 1)
+    _, pert = run(model, bad, **dict(kw, phase_lr=0.05))
+    assert not torch.equal(pert["per_token"][g2:], on["per_token"][g2:])
+    _, pert_off = run(model, bad, **dict(kw, phase_lr=0.0))
+    assert torch.equal(pert_off["per_token"][g1:], off["per_token"][g1:])  # without the SGD: documents stay apart
+
+
+def test_phases_refusals():
+    model, (tokens, _) = tiny(), doc_stream()
+    for bad in (dict(phases=-1), dict(phases=2, phase_docs=0), dict(phases=2, phase_lr=-1.0),
+                dict(phases=1, phase_chunk=0)):
+        with pytest.raises(ValueError, match="phase"):
+            run(model, tokens, **bad)
+
+
 # --- 9. two gloo processes -------------------------------------------------------------------------------------
+
+PHASED = dict(phases=2, phase_docs=6, phase_lr=0.05, phase_chunk=64, phase_seqs=2)
+
 
 def _worker(rank: int, world: int, out: str, init: str) -> None:
     import torch.distributed as dist
@@ -328,6 +378,9 @@ def _worker(rank: int, world: int, out: str, init: str) -> None:
         res, stats = evaluate_ttt_lora(tiny(), tokens, SEQ, make_luts(), CPU, rank=rank, world_size=world, lr=0.02,
                                        chunk=CHUNK, docs_per_batch=3, per_token=True)
         runs.append({"res": (res.val_loss, res.val_bpb, res.tokens, res.bytes), "per_token": stats["per_token"]})
+    res, stats = evaluate_ttt_lora(tiny(), tokens, SEQ, make_luts(), CPU, rank=rank, world_size=world, lr=0.02,
+                                   chunk=CHUNK, docs_per_batch=3, per_token=True, **PHASED)
+    runs.append({"res": (res.val_loss, res.val_bpb, res.tokens, res.bytes), "per_token": stats["per_token"]})
     torch.save(runs, f"{out}/rank{rank}.pt")
     dist.barrier()  # no rank tears the group down while another still talks to it (gloo abort)
     dist.destroy_process_group()
@@ -345,6 +398,7 @@ def test_two_ranks_match_one_process(tmp_path):
         tokens, _ = doc_stream()
         res, stats = run(tiny(), tokens, lr=0.02, docs_per_batch=3)
         same, same_stats = run(tiny(), tokens, lr=0.02, docs_per_batch=3, layout_world_size=2)
+        phased, phased_stats = run(tiny(), tokens, lr=0.02, docs_per_batch=3, layout_world_size=2, **PHASED)
     finally:
         for p in procs:
             log, _ = p.communicate(timeout=180)
@@ -361,6 +415,10 @@ def test_two_ranks_match_one_process(tmp_path):
     assert torch.equal(same_stats["per_token"], ranks[0][0]["per_token"])
     assert same.val_loss == pytest.approx(ranks[0][0]["res"][0], rel=1e-12)
     assert (same.tokens, same.bytes) == ranks[0][0]["res"][2:]
+    # phases: the global SGD's gradients are summed over the ranks: both ranks equal, one process close
+    assert ranks[0][2]["res"] == ranks[1][2]["res"] and torch.equal(ranks[0][2]["per_token"], ranks[1][2]["per_token"])
+    torch.testing.assert_close(ranks[0][2]["per_token"], phased_stats["per_token"], rtol=0, atol=1e-4)
+    assert not torch.equal(ranks[0][2]["per_token"], ranks[0][0]["per_token"])
     with pytest.raises(ValueError, match="layout_world_size"):
         evaluate_ttt_lora(tiny(), tokens, SEQ, make_luts(), CPU, rank=0, world_size=2, layout_world_size=4)
 

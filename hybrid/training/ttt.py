@@ -3,7 +3,7 @@ model is trained on each chunk only after every target of that chunk has been sc
 
     for chunk c = targets [a, b) of the stream, in order (chunk_tokens targets each, the last shorter):
         (a) score: every target of the chunk, with exactly the sliding windows `evaluate` would use
-            for it (hybrid/evaluate.py `window_plan`, restricted to the chunk's targets);
+            for it (hybrid/training/evaluate.py `window_plan`, restricted to the chunk's targets);
         (b) train (not after the last chunk): `epochs` passes of SGD(momentum) over non-overlapping
             seq_len windows of the chunk's own tokens (inputs tokens[a:b], labels tokens[a+1:b+1]),
             next-token loss model(x, y) as in training, LR lr_c = lr·½(1 + cos(π·c/(chunks − 1))),
@@ -61,8 +61,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.bpb import ByteLuts
-from hybrid.evaluate import EvalResult, _finish, _masked_sums, window_batches, window_plan
-from hybrid.settings import TTT_MODES  # noqa: F401  re-exported: the settings check the name first
+from hybrid.training.evaluate import EvalResult, _finish, _masked_sums, window_batches, window_plan
+from hybrid.training.settings import TTT_MODES  # noqa: F401  re-exported: the settings check the name first
 
 
 def chunk_bounds(num_targets: int, chunk_tokens: int) -> list[tuple[int, int]]:

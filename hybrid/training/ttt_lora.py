@@ -59,6 +59,18 @@ float64 sums are all-reduced once at the end; deterministic for a given world si
 for bit; on a GPU as far as its kernels are) and equal across world sizes up to float rounding.
 One process can reproduce a W-rank run's batches exactly with layout_world_size=W.
 
+Phases (`phases` > 0; the 2026-04-13 and 04-14 records' phased TTT, golf PR #1610 and #1626): the
+first `phase_docs` documents of the stream are cut into `phases` equal groups of consecutive
+documents, the rest form one last group. The groups are read in order, each exactly as above (its
+documents split over the ranks, batched, adapters reset per document); after each of the first
+`phases` groups, whose every target is scored by then, the BASE weights take a global SGD pass over
+that group's tokens (`phase_sgd`: chunks of `phase_chunk` targets, non-overlapping windows of
+seq_len, `phase_epochs` epochs, SGD + momentum with the cosine over its chunks, gradient clip, all
+ranks together: hybrid/training/ttt.py's training step), and every later group is read with the
+updated base. Legality holds as above: a group's scores depend on its own documents and, through the
+base weights, on earlier groups only, all of them scored before any training on them. The base
+model the caller passed is never changed: with phases the function trains a deep copy of it.
+
 Cost per chunk: one forward over a window of up to seq_len tokens (as a sliding evaluation of stride
 `chunk`) plus, unless it is the last chunk of every document of the batch, one backward; a batch runs
 as many chunks as its longest document. Memory: activations of docs_per_batch × seq_len tokens with
@@ -80,7 +92,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from data.bpb import ByteLuts
-from hybrid.evaluate import EvalResult, _finish, _masked_sums
+from hybrid.training.evaluate import EvalResult, _finish, _masked_sums
+from hybrid.training.ttt import _train_step, chunk_bounds, chunk_lr, train_windows
 from hybrid.layers import CastedLinear, CausalAttention
 
 LORA_TARGETS = ("attn", "mixer", "head")
@@ -154,6 +167,8 @@ def _lora_hook(current: list, i: int, scale: float):
     """Forward hook adding scale·B·(A·x) of adapter i (current[i] = (A [k, r, in], B [k, out, r]),
     the batch's k documents) to a CastedLinear's output [k, T, out]."""
     def hook(module, args, out):
+        if current[i] is None:  # between groups: the phase's global SGD trains the base alone
+            return out
         a, b = current[i]
         x = args[0]
         delta = torch.matmul(torch.matmul(x, a.transpose(1, 2).to(x.dtype)), b.transpose(1, 2).to(x.dtype))
@@ -161,12 +176,67 @@ def _lora_hook(current: list, i: int, scale: float):
     return hook
 
 
+def lora_settings(hp: dict) -> dict:
+    """evaluate_ttt_lora's keyword arguments from a run's settings (train_gpt.Hyperparameters as a
+    dict, or the hparams its log saved): the one place the TTT_LORA_* settings become arguments. The
+    phases' global SGD takes TTT=sgd's momentum, chunk and clip (TTT_MOMENTUM, TTT_CHUNK, TTT_CLIP)
+    and EVAL_BATCH_SEQS windows per step; logs from before the phases existed read as phases = 0."""
+    return dict(rank_r=int(hp["ttt_lora_rank"]), alpha=float(hp["ttt_lora_alpha"]), lr=float(hp["ttt_lora_lr"]),
+                chunk=int(hp["ttt_lora_chunk"]), docs_per_batch=int(hp["ttt_lora_docs"]),
+                targets=tuple(str(hp["ttt_lora_targets"]).split(",")), phases=int(hp.get("ttt_lora_phases", 0)),
+                phase_docs=int(hp.get("ttt_lora_phase_docs", 2000)), phase_lr=float(hp.get("ttt_lora_phase_lr", 0.001)),
+                phase_epochs=int(hp.get("ttt_lora_phase_epochs", 1)), phase_momentum=float(hp["ttt_momentum"]),
+                phase_chunk=int(hp["ttt_chunk"]), phase_clip=float(hp["ttt_clip"]),
+                phase_seqs=int(hp.get("eval_batch_seqs", 32)))
+
+
+def phase_groups(num_docs: int, phases: int, phase_docs: int) -> list[tuple[int, int]]:
+    """[(first document, end)] of the groups read in order: `phases` equal groups of the first
+    min(phase_docs, num_docs) documents (cut at round(k·n / phases)), then the rest; empty groups are
+    dropped. phases = 0: one group, every document."""
+    n = min(phase_docs, num_docs) if phases > 0 else 0
+    cuts = [round(n * k / phases) for k in range(phases + 1)] if phases > 0 else [0]
+    cuts.append(num_docs)
+    return [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def phase_sgd(model: nn.Module, tokens: Tensor, a: int, b: int, seq_len: int, device: torch.device,
+              rank: int, world_size: int, autocast, lr: float, momentum: float, epochs: int, chunk: int,
+              grad_clip: float, step_seqs: int) -> int:
+    """The global SGD of a phase: train `model`'s weights in place on targets [a, b) of the stream (all
+    scored already), chunk by chunk, every rank together; returns the number of SGD steps."""
+    params = [p for p in model.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
+    stream = tokens[a:b + 1].to(device=device, dtype=torch.int64)
+    bounds = chunk_bounds(b - a, chunk)
+    steps = 0
+    model.train()
+    with torch.enable_grad():
+        for c, (ca, cb) in enumerate(bounds):
+            for group in opt.param_groups:
+                group["lr"] = chunk_lr(c, len(bounds) + 1, lr)  # + 1: its last chunk still gets a small lr
+            windows = train_windows(ca, cb, seq_len)
+            for _ in range(epochs):
+                for k in range(0, len(windows), step_seqs):
+                    _train_step(model, opt, params, model, stream, 0, windows[k:k + step_seqs], rank, world_size,
+                                autocast, grad_clip, device)
+                    steps += 1
+    opt.zero_grad(set_to_none=True)
+    model.eval()
+    return steps
+
+
 def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: ByteLuts, device: torch.device,
                       rank: int = 0, world_size: int = 1, autocast=None, bos_id: int = 1, rank_r: int = 8,
                       alpha: float = 16.0, lr: float = 1e-3, chunk: int = 256, docs_per_batch: int = 8,
                       targets=("attn", "head"), progress=None, per_token: bool = False, *,
                       betas: tuple[float, float] = (0.9, 0.95), eps: float = 1e-8,
-                      seed: int = 0, layout_world_size: int | None = None) -> tuple[EvalResult, dict]:
+                      seed: int = 0, layout_world_size: int | None = None, phases: int = 0,
+                      phase_docs: int = 2000, phase_lr: float = 0.001, phase_momentum: float = 0.9,
+                      phase_epochs: int = 1, phase_chunk: int = 32768, phase_clip: float = 1.0,
+                      phase_seqs: int = 32) -> tuple[EvalResult, dict]:
     """Score-first per-document LoRA TTT evaluation of `tokens` (1-D LongTensor, the validation stream
     as `evaluate` takes it) with `model` (HybridGPT), whose weights it leaves untouched (module
     docstring).
@@ -181,11 +251,14 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
     bit for bit on the same device, as a run on that many ranks (records/verify.py re-runs an 8-GPU
     run's TTT on one GPU); the sums then differ from the ranks' all-reduce only in float64 rounding.
     per_token=True adds stats["per_token"]: float64 [num_targets] CPU tensor, each target's nll as
-    scored (all ranks'), for tests.
+    scored (all ranks'), for tests. phases, phase_docs: the phased global SGD (module docstring; 0 =
+    off), with phase_lr, phase_momentum, phase_epochs, phase_chunk (targets per chunk), phase_clip
+    and phase_seqs (windows per SGD step over all ranks); phase_lr = 0 reads the groups with the
+    untrained base.
 
     Returns (EvalResult, stats) with stats = {docs, chunks, steps (adapter updates, counted per
     document; all ranks; 0 when lr = 0), batch_steps (this rank's batched Adam steps), adapter_params
-    (per document), seconds}."""
+    (per document), phases (global SGD passes run), phase_steps, phase_seconds, seconds}."""
     targets = tuple(targets)
     bad = [t for t in targets if t not in LORA_TARGETS]
     if bad or not targets:
@@ -198,6 +271,16 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
     if seq_len < 1 or not 1 <= chunk <= seq_len or rank_r < 1 or docs_per_batch < 1 or lr < 0:
         raise ValueError(f"need 1 <= chunk <= seq_len, rank_r >= 1, docs_per_batch >= 1 and lr >= 0; got "
                          f"chunk={chunk} seq_len={seq_len} rank_r={rank_r} docs_per_batch={docs_per_batch} lr={lr}")
+    if phases < 0 or (phases and (phase_docs < 1 or phase_lr < 0 or phase_epochs < 0 or phase_chunk < 1
+                                  or phase_seqs < 1)):
+        raise ValueError(f"phases must be >= 0, and with phases: phase_docs, phase_chunk, phase_seqs >= 1, "
+                         f"phase_lr, phase_epochs >= 0; got phases={phases} phase_docs={phase_docs} "
+                         f"phase_lr={phase_lr} phase_epochs={phase_epochs} phase_chunk={phase_chunk} "
+                         f"phase_seqs={phase_seqs}")
+    if phases and phase_lr > 0 and phase_epochs > 0:
+        import copy
+
+        model = copy.deepcopy(model)  # the global SGD trains the base: never the caller's model
     modules = adapter_targets(model, targets)
     head = "head" in targets
     if not modules and not head:
@@ -208,12 +291,16 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
     docs = find_documents(tokens, bos_id)
     lengths = [n for _, n in docs]
     layout = layout_world_size or world_size
-    cuts = split_documents(lengths, layout)
-    mine = list(range(cuts[rank], cuts[rank + 1])) if world_size > 1 else list(range(len(docs)))
-    batches = []  # each (layout) rank's block, longest first (a batch's lengths alike), in batches
-    for r in ([rank] if world_size > 1 else range(layout)):
-        order = sorted(range(cuts[r], cuts[r + 1]), key=lambda g: (-lengths[g], g))
-        batches += [order[k:k + docs_per_batch] for k in range(0, len(order), docs_per_batch)]
+    groups = phase_groups(len(docs), phases, phase_docs)
+    plan = []  # per group: (this rank's documents, its batches)
+    for g0, g1 in groups:
+        cuts = [g0 + k for k in split_documents(lengths[g0:g1], layout)]
+        mine = list(range(cuts[rank], cuts[rank + 1])) if world_size > 1 else list(range(g0, g1))
+        batches = []  # each (layout) rank's block, longest first (a batch's lengths alike), in batches
+        for r in ([rank] if world_size > 1 else range(layout)):
+            order = sorted(range(cuts[r], cuts[r + 1]), key=lambda g: (-lengths[g], g))
+            batches += [order[k:k + docs_per_batch] for k in range(0, len(order), docs_per_batch)]
+        plan.append((mine, batches))
     weight = model.tok_emb.weight
     dim, vocab = weight.shape[1], weight.shape[0]
     softcap = model.cfg.logit_softcap
@@ -228,72 +315,87 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
     hooks = [m.register_forward_hook(_lora_hook(current, i, scale)) for i, (_, m) in enumerate(modules)]
     was_training = model.training
     model.eval()
-    batch_steps, done, mine_total = 0, 0, sum(lengths[g] for g in mine)
+    batch_steps, done, mine_total = 0, 0, sum(lengths[g] for mine, _ in plan for g in mine)
+    phase_steps, phases_run, phase_s = 0, 0, 0.0
     try:
-        if mine:
-            lo = docs[mine[0]][0]
-            stream = tokens[lo:docs[mine[-1]][0] + lengths[mine[-1]] + 1].to(device=device, dtype=torch.int64)
-        for batch in batches:
-            # one static shape per chunk index: a short last batch is padded with unscored copies of its
-            # last document, and documents that have finished stay in the batch, unscored (the batch's
-            # documents are of similar lengths: longest first); rows never interact
-            rows = batch + [batch[-1]] * (docs_per_batch - len(batch))
-            first = torch.tensor([docs[g][0] - lo for g in rows], dtype=torch.int64, device=device)
-            n_row = torch.tensor([lengths[g] for g in rows], dtype=torch.int64, device=device)
-            n_live = torch.tensor([lengths[g] if i < len(batch) else 0 for i, g in enumerate(rows)],
-                                  dtype=torch.int64, device=device)  # padding rows score nothing
-            params = _init_a(rows, shapes, rank_r, seed, device)
-            params += [torch.zeros(len(rows), fan_out, rank_r, device=device) for _, fan_out in shapes]
-            for p in params:
-                p.requires_grad_(True)
-            moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
-            na = len(shapes)
-            for i in range(len(modules)):
-                current[i] = (params[i], params[na + i])
-            pos = torch.arange(chunk, device=device)
-            for c in range(n_chunks[batch[0]]):
-                a = c * chunk
-                w = max(0, a + chunk - seq_len)  # the window [w, a + chunk): the same for every row
-                span = torch.arange(w, a + chunk, device=device)
-                # each row's own tokens, its last one repeated past its end (causal: never read by a score)
-                idx = first[:, None] + torch.minimum(span[None, :], (n_row.clamp(max=a + chunk) - 1)[:, None])
-                x, y = stream[idx], stream[idx + 1]  # (D, a + chunk − w)
-                mask = pos[None, :] < (n_live.clamp(max=a + chunk) - a)[:, None]  # (D, chunk): targets of chunk c
-                going = [i < len(batch) and n_chunks[g] > c + 1 for i, g in enumerate(rows)]  # a chunk c + 1 follows
-                train = lr > 0 and any(going)
-                with torch.enable_grad() if train else torch.no_grad(), _lora_ctx(autocast):
-                    hidden = model._trunk(x)[0][:, -chunk:]  # (D, chunk, C): the chunk's positions
-                    z = F.linear(hidden, weight.to(hidden.dtype)).float()
-                    if head:
-                        ha, hb = params[na - 1], params[2 * na - 1]
-                        z = z + scale * torch.matmul(torch.matmul(hidden, ha.transpose(1, 2).to(hidden.dtype)),
-                                                     hb.transpose(1, 2).to(hidden.dtype)).float()
-                    logits = softcap * torch.tanh(z / softcap)  # = HybridGPT._head(hidden) when B_head = 0
-                xs, ys = x[:, -chunk:], y[:, -chunk:]
-                sums += _masked_sums(logits.detach(), xs, ys, mask, luts)
-                if per_tok is not None or train:
-                    nll = F.cross_entropy(logits.reshape(-1, vocab), ys.reshape(-1), reduction="none").view_as(ys)
-                if per_tok is not None:
-                    tgt = first[:, None] + lo + a + pos[None, :]
-                    per_tok[tgt[mask]] = nll.detach()[mask].double()
-                if train:
-                    # each continuing document's mean loss over its chunk (a full one: not its last)
-                    wt = torch.tensor([1.0 / chunk if g else 0.0 for g in going], device=device)
-                    loss = torch.where(mask, nll, torch.zeros_like(nll)).mul(wt[:, None]).sum()
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                    with torch.no_grad():  # Adam, per element (so per document); step c + 1 for every row
-                        t = c + 1
-                        for p, g, (m1, m2) in zip(params, grads, moments):
-                            if g is None:
-                                g = torch.zeros_like(p)
-                            m1.mul_(b1).add_(g, alpha=1 - b1)
-                            m2.mul_(b2).addcmul_(g, g, value=1 - b2)
-                            denom = (m2.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
-                            p.addcdiv_(m1, denom, value=-lr / (1 - b1 ** t))
-                    batch_steps += 1
-            done += sum(lengths[g] for g in batch)
-            if progress is not None:
-                progress(done, mine_total)
+        for k, ((g0, g1), (mine, batches)) in enumerate(zip(groups, plan)):
+            if mine:
+                lo = docs[mine[0]][0]
+                stream = tokens[lo:docs[mine[-1]][0] + lengths[mine[-1]] + 1].to(device=device, dtype=torch.int64)
+            for batch in batches:
+                # one static shape per chunk index: a short last batch is padded with unscored copies of its
+                # last document, and documents that have finished stay in the batch, unscored (the batch's
+                # documents are of similar lengths: longest first); rows never interact
+                rows = batch + [batch[-1]] * (docs_per_batch - len(batch))
+                first = torch.tensor([docs[g][0] - lo for g in rows], dtype=torch.int64, device=device)
+                n_row = torch.tensor([lengths[g] for g in rows], dtype=torch.int64, device=device)
+                n_live = torch.tensor([lengths[g] if i < len(batch) else 0 for i, g in enumerate(rows)],
+                                      dtype=torch.int64, device=device)  # padding rows score nothing
+                params = _init_a(rows, shapes, rank_r, seed, device)
+                params += [torch.zeros(len(rows), fan_out, rank_r, device=device) for _, fan_out in shapes]
+                for p in params:
+                    p.requires_grad_(True)
+                moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+                na = len(shapes)
+                for i in range(len(modules)):
+                    current[i] = (params[i], params[na + i])
+                pos = torch.arange(chunk, device=device)
+                for c in range(n_chunks[batch[0]]):
+                    a = c * chunk
+                    w = max(0, a + chunk - seq_len)  # the window [w, a + chunk): the same for every row
+                    span = torch.arange(w, a + chunk, device=device)
+                    # each row's own tokens, its last one repeated past its end (causal: never read by a score)
+                    idx = first[:, None] + torch.minimum(span[None, :], (n_row.clamp(max=a + chunk) - 1)[:, None])
+                    x, y = stream[idx], stream[idx + 1]  # (D, a + chunk − w)
+                    mask = pos[None, :] < (n_live.clamp(max=a + chunk) - a)[:, None]  # (D, chunk): targets of chunk c
+                    going = [i < len(batch) and n_chunks[g] > c + 1 for i, g in enumerate(rows)]  # a chunk c + 1 follows
+                    train = lr > 0 and any(going)
+                    with torch.enable_grad() if train else torch.no_grad(), _lora_ctx(autocast):
+                        hidden = model._trunk(x)[0][:, -chunk:]  # (D, chunk, C): the chunk's positions
+                        z = F.linear(hidden, weight.to(hidden.dtype)).float()
+                        if head:
+                            ha, hb = params[na - 1], params[2 * na - 1]
+                            z = z + scale * torch.matmul(torch.matmul(hidden, ha.transpose(1, 2).to(hidden.dtype)),
+                                                         hb.transpose(1, 2).to(hidden.dtype)).float()
+                        logits = softcap * torch.tanh(z / softcap)  # = HybridGPT._head(hidden) when B_head = 0
+                    xs, ys = x[:, -chunk:], y[:, -chunk:]
+                    sums += _masked_sums(logits.detach(), xs, ys, mask, luts)
+                    if per_tok is not None or train:
+                        nll = F.cross_entropy(logits.reshape(-1, vocab), ys.reshape(-1), reduction="none").view_as(ys)
+                    if per_tok is not None:
+                        tgt = first[:, None] + lo + a + pos[None, :]
+                        per_tok[tgt[mask]] = nll.detach()[mask].double()
+                    if train:
+                        # each continuing document's mean loss over its chunk (a full one: not its last)
+                        wt = torch.tensor([1.0 / chunk if g else 0.0 for g in going], device=device)
+                        loss = torch.where(mask, nll, torch.zeros_like(nll)).mul(wt[:, None]).sum()
+                        grads = torch.autograd.grad(loss, params, allow_unused=True)
+                        with torch.no_grad():  # Adam, per element (so per document); step c + 1 for every row
+                            t = c + 1
+                            for p, g, (m1, m2) in zip(params, grads, moments):
+                                if g is None:
+                                    g = torch.zeros_like(p)
+                                m1.mul_(b1).add_(g, alpha=1 - b1)
+                                m2.mul_(b2).addcmul_(g, g, value=1 - b2)
+                                denom = (m2.sqrt() / math.sqrt(1 - b2 ** t)).add_(eps)
+                                p.addcdiv_(m1, denom, value=-lr / (1 - b1 ** t))
+                        batch_steps += 1
+                done += sum(lengths[g] for g in batch)
+                if progress is not None:
+                    progress(done, mine_total)
+            if k < phases and phase_lr > 0 and phase_epochs > 0 and k + 1 < len(groups):  # a group follows
+                # every target of this group is scored (the SGD's all-reduces wait for every rank):
+                # train the base on them, with no adapter in the forward
+                ts = time.perf_counter()
+                saved = list(current)
+                current[:] = [None] * len(current)
+                a, b = docs[g0][0], docs[g1 - 1][0] + lengths[g1 - 1]
+                phase_steps += phase_sgd(model, tokens, a, b, seq_len, device, rank, world_size, autocast,
+                                         phase_lr, phase_momentum, phase_epochs, phase_chunk, phase_clip,
+                                         phase_seqs)
+                current[:] = saved
+                phases_run += 1
+                phase_s += time.perf_counter() - ts
     finally:
         for h in hooks:
             h.remove()
@@ -303,7 +405,8 @@ def evaluate_ttt_lora(model: nn.Module, tokens: Tensor, seq_len: int, luts: Byte
     result = _finish(sums, world_size, t0)
     stats = {"docs": len(docs), "chunks": sum(n_chunks),
              "steps": sum(n - 1 for n in n_chunks) if lr > 0 else 0, "batch_steps": batch_steps,
-             "adapter_params": sum(rank_r * (fi + fo) for fi, fo in shapes), "seconds": time.perf_counter() - t0}
+             "adapter_params": sum(rank_r * (fi + fo) for fi, fo in shapes), "phases": phases_run,
+             "phase_steps": phase_steps, "phase_seconds": phase_s, "seconds": time.perf_counter() - t0}
     if per_tok is not None:
         if world_size > 1:
             dist.all_reduce(per_tok, op=dist.ReduceOp.SUM)

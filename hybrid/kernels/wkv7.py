@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from hybrid.wkv7_triton import TRITON_AVAILABLE, wkv7_triton
+from hybrid.kernels.wkv7_triton import TRITON_AVAILABLE, wkv7_triton
 
 WKV7_IMPLS = ("auto", "ref", "chunked", "triton")
 

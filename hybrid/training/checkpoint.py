@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from hybrid.settings import SettingError
+from hybrid.training.settings import SettingError
 
 CHECKPOINT_VERSION = 1
 

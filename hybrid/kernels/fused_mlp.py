@@ -25,7 +25,7 @@ Dispatch (`MLP(fused=...)`): "auto" = the kernel on CUDA with triton and a bf16/
 else the reference (today's MLP code, bit for bit); "triton" forces the kernel (CUDA, or CPU tensors
 under TRITON_INTERPRET=1, which the tests use); "off" / "ref" force the reference.
 
-Untimed: no GPU has run this file yet. Run `bench_fused_mlp` (and tests/test_fused_mlp.py's CUDA tests)
+Untimed: no GPU has run this file yet. Run bench/fused_mlp.py `bench_fused_mlp` (and tests/test_fused_mlp.py's CUDA tests)
 on an H100 before leaving "auto" on; the kernel uses plain pointer loads (no TMA) and the autotune list
 below is a guess.
 
@@ -35,7 +35,6 @@ Importable without triton: FUSED_MLP_TRITON is False and the op raises.
 from __future__ import annotations
 
 import os
-import time
 
 import torch
 import torch.nn.functional as F
@@ -211,55 +210,3 @@ def mlp_up_act_linear(fc, x: Tensor, slope: float) -> Tensor:
     fake-quant (if fc.qat_bits > 0) and is cast to the compute dtype, as CastedLinear.forward does."""
     dtype = compute_dtype(x)
     return mlp_up_act(x.to(dtype), fc.casted_weight(dtype), slope)
-
-
-def bench_fused_mlp(M: int, K: int, N: int, device: str | torch.device = "cuda", slope: float = 0.5,
-                    dtype: torch.dtype = torch.bfloat16, iters: int = 50, warmup: int = 10,
-                    compile: bool = True) -> dict[str, float]:
-    """ms per forward+backward of the MLP proj(act(x·W_fcᵀ)²), x [M, K], W_fc [N, K], W_proj [K, N],
-    with the fused up-projection vs the reference, each torch.compile'd (fullgraph) unless compile=False.
-    Returns {"fused_ms", "ref_ms", "ratio" (ref/fused, > 1 = fused faster), "max_abs_diff" (of the
-    outputs)} and prints one line. On CPU the fused path needs TRITON_INTERPRET=1 (smoke test only)."""
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g) * scale).to(device, dtype)
-
-    x = rand(M, K).requires_grad_()
-    w_fc = rand(N, K, scale=K ** -0.5).requires_grad_()
-    w_proj = rand(K, N, scale=N ** -0.5).requires_grad_()
-    gy = rand(M, K)
-
-    def make(up):
-        def forward(x, w_fc, w_proj):
-            return F.linear(up(x, w_fc, slope), w_proj)
-
-        fwd = torch.compile(forward, fullgraph=True, dynamic=False) if compile else forward
-
-        def step(x, w_fc, w_proj):  # the backward runs AOTAutograd's compiled graph, as in training
-            y = fwd(x, w_fc, w_proj)
-            return (y, *torch.autograd.grad(y, (x, w_fc, w_proj), gy))
-        return step
-
-    def sync():
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
-    def time_ms(fn):
-        for _ in range(warmup):
-            out = fn(x, w_fc, w_proj)
-        sync()
-        t0 = time.perf_counter()
-        for _ in range(iters):
-            fn(x, w_fc, w_proj)
-        sync()
-        return (time.perf_counter() - t0) * 1e3 / iters, out[0]
-
-    fused_ms, y_fused = time_ms(make(mlp_up_act))
-    ref_ms, y_ref = time_ms(make(mlp_up_act_ref))
-    res = {"fused_ms": fused_ms, "ref_ms": ref_ms, "ratio": ref_ms / fused_ms,
-           "max_abs_diff": float((y_fused.detach().float() - y_ref.detach().float()).abs().max())}
-    print(f"fused MLP M={M} K={K} N={N} {dtype}: fused {fused_ms:.3f} ms, ref {ref_ms:.3f} ms, "
-          f"ratio {res['ratio']:.3f}, max|Δy| {res['max_abs_diff']:.3g}")
-    return res

@@ -1,4 +1,4 @@
-"""The "stateful" evaluation (hybrid/evaluate.py's module docstring), for models whose every sequence
+"""The "stateful" evaluation (hybrid/training/evaluate.py's module docstring), for models whose every sequence
 mixer is recurrent (R and T layers). train_gpt.py imports this module (`stateful_evaluate`) when a
 run evaluates this way, so a sliding-window run neither loads nor counts it.
 """
@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from data.bpb import ByteLuts
-from hybrid.evaluate import EvalResult, _finish, _masked_sums, lane_plan
+from hybrid.training.evaluate import EvalResult, _finish, _masked_sums, lane_plan
 
 
 @torch.no_grad()

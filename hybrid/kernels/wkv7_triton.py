@@ -1,6 +1,6 @@
 """Triton kernels for the WKV-7 recurrence (forward and backward), one program per (batch, head).
 
-Same math and layouts as hybrid/wkv7.py: inputs [B, T, H, N] (N a power of two, ≤ 128), w the log
+Same math and layouts as hybrid/kernels/wkv7.py: inputs [B, T, H, N] (N a power of two, ≤ 128), w the log
 decay, state [B, H, N, N] with S[i, j] = (value i, key j), fp32 state and arithmetic whatever the
 input dtype. The design follows BlinkDL's training kernel (RWKV-LM `RWKV-v7/train_temp/cuda/rwkv7_clampw.cu`):
 a program keeps its head's N×N state in registers and walks the sequence, which gives B·H programs

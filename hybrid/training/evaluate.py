@@ -15,7 +15,7 @@ Eval modes (the trainer's EVAL_MODE):
   tokens, each starting with no context (a final window ends at the last target and scores only the
   targets no earlier window did).
   In both, windows are split contiguously across ranks; the score does not depend on world_size.
-- "stateful" (hybrid/stateful.py `stateful_evaluate`, imported by the runs that use it; models whose every
+- "stateful" (hybrid/training/stateful.py `stateful_evaluate`, imported by the runs that use it; models whose every
   sequence mixer is recurrent: R and T layers, e.g. `--arch rwkv7`): the targets are cut into
   world_size × lanes contiguous spans of equal length (±1); each span is read in consecutive chunks
   with the recurrent state carried from chunk to chunk, so a target is scored with everything of its

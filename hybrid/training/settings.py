@@ -15,8 +15,8 @@ import math
 import os
 from pathlib import Path
 
-TTT_MODES = ("off", "sgd", "lora")  # score-first test-time training (hybrid/ttt.py, hybrid/ttt_lora.py)
-TTT_LORA_TARGETS = ("attn", "mixer", "head")  # = hybrid.ttt_lora.LORA_TARGETS (tested), checked before training
+TTT_MODES = ("off", "sgd", "lora")  # score-first test-time training (hybrid/training/ttt.py, hybrid/training/ttt_lora.py)
+TTT_LORA_TARGETS = ("attn", "mixer", "head")  # = hybrid.training.ttt_lora.LORA_TARGETS (tested), checked before training
 TRUE_WORDS = ("1", "true", "yes", "on")
 FALSE_WORDS = ("0", "false", "no", "off")
 
@@ -96,6 +96,8 @@ RULES: dict[str, tuple] = {
     "ttt_chunk": _at_least(1), "ttt_epochs": _at_least(0), "ttt_lr": _at_least(0), "ttt_momentum": FRACTION,
     "ttt_clip": _at_least(0), "ttt_lora_rank": _at_least(1), "ttt_lora_alpha": _above(0),
     "ttt_lora_lr": _at_least(0), "ttt_lora_chunk": _at_least(1), "ttt_lora_docs": _at_least(1),
+    "ttt_lora_phases": _at_least(0), "ttt_lora_phase_docs": _at_least(1), "ttt_lora_phase_lr": _at_least(0),
+    "ttt_lora_phase_epochs": _at_least(0),
     "compile": (lambda v: v in (-1, 0, 1), "-1 (on CUDA only), 0 or 1"),
     # model fields (explicit values only; unset means the arch's default)
     "num_layers": _at_least(1), "model_dim": _at_least(1), "num_heads": _at_least(1),
