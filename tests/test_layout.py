@@ -12,7 +12,7 @@ PACKAGES = ("data", "quant", "hybrid", "records", "bench")
 
 def import_graph() -> dict[str, set[str]]:
     graph = {}
-    for path in [ROOT / "train_gpt.py"] + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).glob("*.py"))]:
+    for path in [ROOT / "train_gpt.py"] + [p for pkg in PACKAGES for p in sorted((ROOT / pkg).rglob("*.py"))]:
         name = str(path.relative_to(ROOT))[:-3].replace("/", ".")
         deps = set()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):  # lazy imports count too
@@ -53,3 +53,14 @@ def test_libraries_never_import_the_trainer_or_the_tools():
 def test_the_graph_is_read():  # the checks above would pass vacuously on an empty graph
     graph = import_graph()
     assert "hybrid.layers" in graph["hybrid.model"] and "train_gpt" in graph["bench.size"]
+
+
+def test_hybrid_layers_kernels_below_models_below_training():
+    """Inside hybrid/: kernels/ import nothing of the project but each other (each stands beside its
+    reference), the models (hybrid/*.py) never import the training pieces, which sit on top."""
+    graph = import_graph()
+    assert "hybrid.training.ttt" in graph and "hybrid.kernels.wkv7" in graph  # the subpackages are read
+    wrong = [f"{m} -> {d}" for m, deps in graph.items() for d in deps
+             if (m.startswith("hybrid.kernels.") and not d.startswith("hybrid.kernels."))
+             or (m.startswith("hybrid.") and m.count(".") == 1 and d.startswith("hybrid.training."))]
+    assert not wrong, wrong
