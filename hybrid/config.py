@@ -1,4 +1,6 @@
-"""Model configuration: one dataclass, the layer-pattern grammar, and the two named architectures.
+"""Model configuration: the one declaration of every model setting (ModelConfig, which the trainer's
+flags and environment variables are derived from), the layer-pattern grammar, and the four named
+architectures (ARCH_DEFAULTS: hybrid, gpt, rwkv7, moe).
 
 `ModelConfig()` is the project's hybrid (token-shift + short-window attention after golf PR #1007/#1112;
 docs/TECHNIQUES.md, "Layer pattern and the published hybrid"); `ModelConfig(**ARCH_DEFAULTS["gpt"])` is
@@ -105,64 +107,84 @@ class ModelConfig:
     # MLP3x is the records' width (PR #164, rec:2026-03-19 MixedQuant: about -0.02 bpb against 2x); it
     # fits 16 MB with int6 + zlib because the default export is SDClip + GPTQ (~0.49 byte/param,
     # docs/PERF.md), with the budget fit (quant/fit.py) as the guarantee.
-    mlp_mult: float = field(default=3.0, metadata={"help": "MLP hidden = mlp_mult × model_dim, a whole number (1.75 -> 896, 3.0 -> 1536)"})
-    mlp_act: str = field(default="leaky_relu2", metadata={"help": "leaky_relu2 (leaky_relu(x, 0.5)², golf PR #493) | relu2 (the baseline's)"})
+    mlp_mult: float = field(default=3.0, metadata={"help": (
+        "MLP hidden = mlp_mult × model_dim, a whole number (1.75 -> 896, 3.0 -> 1536)")})
+    mlp_act: str = field(default="leaky_relu2", metadata={"help": (
+        "leaky_relu2 (leaky_relu(x, 0.5)², golf PR #493) | relu2 (the baseline's)")})
     # Off by default until a GPU measurement shows it pays (docs/PERF.md); "off" is bit-identical to
     # the unfused MLP.
-    mlp_fused: str = field(default="off", metadata={"help": "MLP up-projection + activation as one Triton kernel (hybrid/kernels/fused_mlp.py): "
-                                                            "auto (CUDA bf16/fp16) | triton (always; errors without it) | off"})
-    layer_pattern: str = field(default="TTTWTTWTTWTF", metadata={"help": "one letter per layer: T token-shift, W windowed attention, "
-                                                                         "F full attention, R RWKV-7 time-mix; lower case = the same "
-                                                                         "mixer with an MoE FFN"})
+    mlp_fused: str = field(default="off", metadata={"help": (
+        "MLP up-projection + activation as one Triton kernel (hybrid/kernels/fused_mlp.py): auto (CUDA "
+        "bf16/fp16) | triton (always; errors without it) | off")})
+    layer_pattern: str = field(default="TTTWTTWTTWTF", metadata={"help": (
+        "one letter per layer: T token-shift, W windowed attention, F full attention, R RWKV-7 time-mix; "
+        "lower case = the same mixer with an MoE FFN")})
     attn_window: int = field(default=128, metadata={"help": "tokens a W layer's query sees, itself included"})
-    token_mix: str = field(default="shift", metadata={"help": "T-layer mixer (hybrid/token_mix.py): shift (one-token lerp) | ddlerp "
-                                                              "(RWKV-6's data-dependent lerp) | conv (causal depthwise conv over K) | "
-                                                              "shiftk (softmax mix of the last K) | shift_silu_gate"})
-    token_mix_kernel: int = field(default=4, metadata={"help": "K, the tokens (current included) that conv/shiftk mix: 1..15 (TOKEN_MIX_MAX_KERNEL)"})
-    rope_dims: int = field(default=16, metadata={"help": "head dims rotated by RoPE (16 of 64: golf PR #315; 0 = all)"})
+    token_mix: str = field(default="shift", metadata={"help": (
+        "T-layer mixer (hybrid/token_mix.py): shift (one-token lerp) | ddlerp (RWKV-6's data-dependent "
+        "lerp) | conv (causal depthwise conv over K) | shiftk (softmax mix of the last K) | "
+        "shift_silu_gate")})
+    token_mix_kernel: int = field(default=4, metadata={"help": (
+        "K, the tokens (current included) that conv/shiftk mix: 1..15 (TOKEN_MIX_MAX_KERNEL)")})
+    rope_dims: int = field(default=16, metadata={"help": (
+        "head dims rotated by RoPE (16 of 64: golf PR #315; 0 = all)")})
     rope_base: float = field(default=10000.0, metadata={"help": "RoPE base"})
     # PR #1125 swept 1.5/2/3/4 on the 11-layer stack: 4.0 was best (-0.0039 bpb); docs/SETTINGS.md.
     qk_gain_init: float = field(default=4.0, metadata={"help": "initial per-head query gain"})
     # Neither the baseline nor the published hybrid has it, so "gpt" turns it off.
     qk_norm_gain: bool = field(default=True, metadata={"help": "learned per-dim gains after the q/k RMS norms"})
-    xsa_last: int = field(default=4, metadata={"help": "XSA on the last N attention (W or F) layers (0: off; more than there are: all)"})
-    ve_layers: str = field(default="", metadata={"help": "value-embedding layers: a comma list of attention layers, 'none', or empty "
-                                                         "for the last 2 attention layers"})
+    xsa_last: int = field(default=4, metadata={"help": (
+        "XSA on the last N attention (W or F) layers (0: off; more than there are: all)")})
+    ve_layers: str = field(default="", metadata={"help": (
+        "value-embedding layers: a comma list of attention layers, 'none', or empty for the last 2 "
+        "attention layers")})
     ve_dim: int = field(default=128, metadata={"help": "value-embedding table width"})
     smear: bool = field(default=True, metadata={"help": "SmearGate on the embedding"})
     bigram_buckets: int = field(default=2048, metadata={"help": "BigramHash buckets (0: off)"})
     bigram_dim: int = field(default=128, metadata={"help": "BigramHash table width"})
-    ln_scale: bool = field(default=True, metadata={"help": "scale block i's normed inputs by 1/sqrt(i+1) (golf PR #315)"})
-    unet_skips: bool = field(default=False, metadata={"help": "the baseline's U-Net skip connections (the hybrid's README: removing them helped)"})
+    ln_scale: bool = field(default=True, metadata={"help": (
+        "scale block i's normed inputs by 1/sqrt(i+1) (golf PR #315)")})
+    unet_skips: bool = field(default=False, metadata={"help": (
+        "the baseline's U-Net skip connections (the hybrid's README: removing them helped)")})
     logit_softcap: float = field(default=30.0, metadata={"help": "logits = c·tanh(z/c)"})
     tied_embed_init_std: float = field(default=0.005, metadata={"help": "std of the tied embedding at init"})
     ortho_init: bool = field(default=True, metadata={"help": "orthogonal init of the matrices"})
     # ---- block style and RWKV-7 (R / r layers) --------------------------------------------------
-    block_style: str = field(default="hybrid", metadata={"help": "hybrid | rwkv (RWKV-7's own pre-LayerNorm block; R/r letters only)"})
-    rwkv_head_size: int = field(default=64, metadata={"help": "RWKV-7 head size N: model_dim / N heads, a [N, N] state each"})
-    rwkv_ffn: str = field(default="mlp", metadata={"help": "FFN of R layers, hidden mlp_mult × model_dim: mlp (the hybrid MLP) | cmix "
-                                                           "(RWKV-7 channel-mix, token-shifted relu²)"})
-    rwkv_chunk: int = field(default=16, metadata={"help": "chunk of the PyTorch WKV-7 form / checkpoint interval of the Triton kernel"})
-    rwkv_impl: str = field(default="auto", metadata={"help": "WKV-7 implementation: auto | ref | chunked | triton (hybrid/kernels/wkv7.py)"})
+    block_style: str = field(default="hybrid", metadata={"help": (
+        "hybrid | rwkv (RWKV-7's own pre-LayerNorm block; R/r letters only)")})
+    rwkv_head_size: int = field(default=64, metadata={"help": (
+        "RWKV-7 head size N: model_dim / N heads, a [N, N] state each")})
+    rwkv_ffn: str = field(default="mlp", metadata={"help": (
+        "FFN of R layers, hidden mlp_mult × model_dim: mlp (the hybrid MLP) | cmix (RWKV-7 channel-mix, "
+        "token-shifted relu²)")})
+    rwkv_chunk: int = field(default=16, metadata={"help": (
+        "chunk of the PyTorch WKV-7 form / checkpoint interval of the Triton kernel")})
+    rwkv_impl: str = field(default="auto", metadata={"help": (
+        "WKV-7 implementation: auto | ref | chunked | triton (hybrid/kernels/wkv7.py)")})
     # ---- Mixture of Experts (lower-case layers) -------------------------------------------------
     # Each moe_X is field MOE_FIELDS[moe_X] of the hybrid.moe.MoEConfig every MoE layer is built with
     # (`moe_config`); MoEConfig.validate holds their rules.
-    moe_num_experts: int = field(default=0, metadata={"help": "routed experts per MoE layer (0: no MoE; lower-case letters refused)"})
+    moe_num_experts: int = field(default=0, metadata={"help": (
+        "routed experts per MoE layer (0: no MoE; lower-case letters refused)")})
     moe_top_k: int = field(default=1, metadata={"help": "experts per token"})
     moe_expert_hidden: int = field(default=256, metadata={"help": "hidden width of a routed expert"})
     moe_shared_experts: int = field(default=1, metadata={"help": "always-on shared experts (fused into one MLP)"})
     moe_shared_hidden: int = field(default=384, metadata={"help": "hidden width of each shared expert"})
     moe_shared_gate: bool = field(default=False, metadata={"help": "sigmoid gate on the shared output (Qwen2-MoE)"})
     moe_router: str = field(default="sigmoid", metadata={"help": "sigmoid (DeepSeek-V3) | softmax (Mixtral)"})
-    moe_norm_topk: bool = field(default=False, metadata={"help": "renormalise the top-k gates to sum 1 (needs top_k >= 2)"})
+    moe_norm_topk: bool = field(default=False, metadata={"help": (
+        "renormalise the top-k gates to sum 1 (needs top_k >= 2)")})
     moe_routed_scale: float = field(default=1.0, metadata={"help": "routed scaling factor"})
     moe_aux_coef: float = field(default=1e-4, metadata={"help": "weight of the load-balancing loss"})
-    moe_balance_loss: str = field(default="sequence", metadata={"help": "sequence (DeepSeek-V3) | batch (Switch/Mixtral)"})
+    moe_balance_loss: str = field(default="sequence", metadata={"help": (
+        "sequence (DeepSeek-V3) | batch (Switch/Mixtral)")})
     moe_z_coef: float = field(default=1e-3, metadata={"help": "weight of the router z-loss"})
-    moe_bias_balancing: bool = field(default=True, metadata={"help": "auxiliary-loss-free bias balancing (HybridGPT.after_optimizer_step)"})
+    moe_bias_balancing: bool = field(default=True, metadata={"help": (
+        "auxiliary-loss-free bias balancing (HybridGPT.after_optimizer_step)")})
     moe_bias_rate: float = field(default=1e-3, metadata={"help": "step of that bias update"})
     moe_act: str = field(default="leaky_relu2", metadata={"help": "expert activation: leaky_relu2 | relu2 | swiglu"})
-    moe_dispatch: str = field(default="auto", metadata={"help": "auto (grouped_mm on CUDA bf16, else the loop) | grouped | loop"})
+    moe_dispatch: str = field(default="auto", metadata={"help": (
+        "auto (grouped_mm on CUDA bf16, else the loop) | grouped | loop")})
 
     def __post_init__(self) -> None:
         self.validate()
