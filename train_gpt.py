@@ -207,11 +207,10 @@ def _field_type(f):
 
 def build_arg_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Train, pack and score a parameter-golf model.")
-    for f in fields(Hyperparameters):
-        default = (f"the --arch's, hybrid {ARCH_DEFAULTS['hybrid'][f.name]!r}" if f.name in ARCH_DEFAULTS["hybrid"]
-                   else repr(f.default))
+    for f in fields(Hyperparameters):  # a model setting's default is its arch's: the hybrid's is shown
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, type=str,
-                            help=f"{f.metadata.get('help', '')} [env {f.name.upper()}; default {default}]")
+                            help=f"{f.metadata.get('help', '')} [env {f.name.upper()}; "
+                                 f"default {ARCH_DEFAULTS['hybrid'].get(f.name, f.default)!r}]")
     return parser
 
 
