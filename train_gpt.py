@@ -518,11 +518,10 @@ def train(h: Hyperparameters, rt: Runtime) -> dict:
 
             return evaluate_ttt_lora(net, val_tokens, h.train_seq_len, luts, device, rt.rank, rt.world_size, autocast,
                                      progress=kw.get("progress"), **lora_settings(asdict(h)))
-        from hybrid.training.ttt import evaluate_ttt  # lazy: only TTT runs count this code
+        from hybrid.training.ttt import evaluate_ttt, sgd_settings  # lazy: only TTT runs count this code
 
         return evaluate_ttt(net, val_tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
-                            rt.world_size, autocast, chunk_tokens=h.ttt_chunk, epochs=h.ttt_epochs, lr=h.ttt_lr,
-                            momentum=h.ttt_momentum, grad_clip=h.ttt_clip, **kw)
+                            rt.world_size, autocast, **sgd_settings(asdict(h)), **kw)
 
     max_ms = 1000.0 * h.max_wallclock_seconds
     bad_step = torch.full((), -1, dtype=torch.long, device=device)  # first non-finite step, sync-free

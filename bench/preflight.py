@@ -395,7 +395,7 @@ def section_eval(ctx: Ctx) -> dict:
 def section_ttt(ctx: Ctx) -> dict:
     import copy
 
-    from hybrid.training.ttt import evaluate_ttt
+    from hybrid.training.ttt import evaluate_ttt, sgd_settings
     from hybrid.training.ttt_lora import evaluate_ttt_lora, lora_settings
 
     h, device, rt = ctx.h, ctx.device, ctx.rt
@@ -413,10 +413,9 @@ def section_ttt(ctx: Ctx) -> dict:
     loss_fn = ctx.compile(net) if ctx.cuda else None
     ctx.sync()
     t = time.perf_counter()
+    sgd = dict(sgd_settings(asdict(h)), chunk_tokens=min(h.ttt_chunk, max(n // 4, 1)))  # >= 4 chunks
     res, st = evaluate_ttt(net, tokens, h.train_seq_len, stride, luts, h.eval_batch_seqs, device, rt.rank,
-                           rt.world_size, autocast, chunk_tokens=min(h.ttt_chunk, max(n // 4, 1)),
-                           epochs=h.ttt_epochs, lr=h.ttt_lr, momentum=h.ttt_momentum, grad_clip=h.ttt_clip,
-                           logits_fn=logits_fn, loss_fn=loss_fn)
+                           rt.world_size, autocast, logits_fn=logits_fn, loss_fn=loss_fn, **sgd)
     ctx.sync()
     sgd_s = time.perf_counter() - t
     out.update(sgd_s=sgd_s, sgd_chunks=st["chunks"], sgd_steps=st["steps"], sgd_score_s=st["score_seconds"],

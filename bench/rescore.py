@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 from records.logs import parse_log
@@ -28,7 +29,7 @@ def ttt_settings(mode: str, overrides: dict | None = None) -> dict:
     (lower-case field names), each parsed and range-checked as the trainer checks it."""
     from dataclasses import fields
 
-    from hybrid.training.settings import RULES, TTT_LORA_TARGETS, TTT_MODES, SettingError, parse_setting, setting_name
+    from hybrid.training.settings import TTT_MODES, SettingError, check_ranges, parse_setting
     from train_gpt import Hyperparameters, _field_type
 
     kinds = {f.name: f for f in fields(Hyperparameters) if f.name.startswith("ttt")}
@@ -41,13 +42,7 @@ def ttt_settings(mode: str, overrides: dict | None = None) -> dict:
                                f"{', '.join(n.upper() for n in kinds)}")
         out[name] = parse_setting(_field_type(kinds[name]), name, raw)
     out["ttt"] = mode
-    for name, value in out.items():  # the trainer's ranges (hybrid/training/settings.py RULES)
-        ok, what = RULES.get(name, (lambda v: True, ""))
-        if not ok(value):
-            raise SettingError(f"{setting_name(name)}={value!r} is out of range: must be {what}")
-    if mode == "lora" and not set(out["ttt_lora_targets"].split(",")) <= set(TTT_LORA_TARGETS):
-        raise SettingError(f"{setting_name('ttt_lora_targets')}={out['ttt_lora_targets']!r}: a comma list of "
-                           f"{', '.join(TTT_LORA_TARGETS)}")
+    check_ranges(out)  # the trainer's ranges; how they agree with the run: `rescore`
     return out
 
 
@@ -55,16 +50,15 @@ def rescore(log_path, stride: int, artifact=None, val_max_tokens: int | None = N
     """The round-trip score of a run's artifact at `stride`; with `ttt` (`ttt_settings`), the
     score-first TTT score instead."""
     run = parse_log(log_path)
+    ecfg = dict(eval_config(run.hparams, run.model_config), stride=min(stride, int(run.hparams["train_seq_len"])))
+    if ttt:  # the trainer's agreement checks, against this run's windows (sliding: rescore's evaluation)
+        from hybrid.training.settings import check_ttt
+
+        check_ttt(SimpleNamespace(**ttt, eval_mode="sliding", train_seq_len=ecfg["seq_len"]))
     artifact = Path(artifact) if artifact else Path(log_path).with_suffix(".ptz")
     model = build_model(run.model_config, load_artifact_state(artifact, max_file_bytes=64_000_000), str(artifact))
-    ecfg = dict(eval_config(run.hparams, run.model_config), stride=min(stride, int(run.hparams["train_seq_len"])))
     if val_max_tokens is not None:
         ecfg["val_max_tokens"] = int(val_max_tokens)
-    if ttt and ttt["ttt"] == "lora" and int(ttt["ttt_lora_chunk"]) > ecfg["seq_len"]:
-        from hybrid.training.settings import SettingError, setting_name
-
-        raise SettingError(f"{setting_name('ttt_lora_chunk')}={ttt['ttt_lora_chunk']} is longer than the run's "
-                           f"TRAIN_SEQ_LEN={ecfg['seq_len']}, the context a scored chunk is read with")
     if ttt:
         return evaluate_model_ttt(model, ecfg, dict(run.hparams, **ttt), run.hparams["data_path"],
                                   run.hparams["tokenizer_path"], run.world_size)

@@ -262,7 +262,7 @@ def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tok
 
     from data.bpb import build_byte_luts, load_tokenizer
     from data.shards import load_validation_tokens
-    from hybrid.training.ttt import evaluate_ttt
+    from hybrid.training.ttt import evaluate_ttt, sgd_settings
 
     device = next(model.parameters()).device
     sp = load_tokenizer(tokenizer_path, eval_cfg["vocab_size"])
@@ -277,7 +277,5 @@ def evaluate_model_ttt(model, eval_cfg: dict, hparams: dict, data_path: str, tok
                                    layout_world_size=int(world_size), **lora_settings(hparams))
         return res
     res, _ = evaluate_ttt(copy.deepcopy(model), tokens, eval_cfg["seq_len"], eval_cfg["stride"], luts,
-                          eval_cfg["batch_seqs"], device, 0, 1, autocast, chunk_tokens=int(hparams["ttt_chunk"]),
-                          epochs=int(hparams["ttt_epochs"]), lr=float(hparams["ttt_lr"]),
-                          momentum=float(hparams["ttt_momentum"]), grad_clip=float(hparams["ttt_clip"]))
+                          eval_cfg["batch_seqs"], device, 0, 1, autocast, **sgd_settings(hparams))
     return res

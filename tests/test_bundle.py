@@ -166,7 +166,8 @@ DEFAULT_RUN_EXTRA = ("quant.gptq", "quant.fit")
 # (lean_source with dead-code, help-text and name shortening; the run presets and the MoE bookkeeping
 # imported only by the runs that use them; base-123 text instead of base85: 34,429 bytes, then the
 # settings checks, the final-weights checkpoint and the shared clock every run now executes: 39,803;
-# one config tree, the MoE rules stated once: 39,974). records/README.md says where the bytes go.
+# one config tree, the MoE rules stated once: 39,974; the settings checks shared with bench/rescore: 39,995).
+# records/README.md says where the bytes go.
 COUNTED_BYTES_BOUND = 40_000
 
 

@@ -144,22 +144,19 @@ def writable_folder(path: Path, field: str) -> None:
                            f"choose a writable folder") from None
 
 
-def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None:
-    """The resolved run `h` (train_gpt.Hyperparameters): every numeric field in range, names from
-    their lists (`choices`: field -> allowed values; `compressors`: those installed), settings that
-    must agree, and the folders the run will write, all before the first step."""
+def check_ranges(values: dict) -> None:
+    """Every setting of `values` (name -> value) that has a RULES range within it; None is unset (a
+    model field whose arch default applies: the model config checks it)."""
     for name, (ok, what) in RULES.items():
-        value = getattr(h, name, None)
-        if value is None or name not in h.__dataclass_fields__:
-            continue  # unset model field: the arch default applies (the model config checks it)
-        if not ok(value):
+        value = values.get(name)
+        if value is not None and not ok(value):
             raise SettingError(f"{setting_name(name)}={value!r} is out of range: must be {what}")
-    for name, allowed in choices.items():
-        if getattr(h, name) not in allowed:
-            raise SettingError(f"{setting_name(name)}={getattr(h, name)!r} is not one of {', '.join(map(str, allowed))}")
-    if h.compressor != "auto" and h.compressor not in compressors:
-        raise SettingError(f"{setting_name('compressor')}={h.compressor!r}: choose one of "
-                           f"{', '.join(compressors + ['auto'])} (installed here)")
+
+
+def check_ttt(h) -> None:
+    """The TTT settings that must agree with each other and with the evaluation: h.ttt, h.eval_mode,
+    h.ttt_lora_targets, h.ttt_lora_chunk and the windows' h.train_seq_len (`h`: a run's
+    Hyperparameters, or any object with those attributes, e.g. a re-scoring's)."""
     if h.ttt != "off" and h.eval_mode != "sliding":
         raise SettingError(f"{setting_name('ttt')}={h.ttt!r} needs EVAL_MODE=sliding (the stateful evaluation carries "
                            f"a recurrent state across chunks that test-time training would invalidate)")
@@ -171,6 +168,20 @@ def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None
         if h.ttt_lora_chunk > h.train_seq_len:
             raise SettingError(f"{setting_name('ttt_lora_chunk')}={h.ttt_lora_chunk} is longer than TRAIN_SEQ_LEN="
                                f"{h.train_seq_len}, the context a scored chunk is read with")
+
+
+def check_settings(h, compressors: list[str], choices: dict[str, tuple]) -> None:
+    """The resolved run `h` (train_gpt.Hyperparameters): every numeric field in range, names from
+    their lists (`choices`: field -> allowed values; `compressors`: those installed), settings that
+    must agree, and the folders the run will write, all before the first step."""
+    check_ranges(vars(h))
+    for name, allowed in choices.items():
+        if getattr(h, name) not in allowed:
+            raise SettingError(f"{setting_name(name)}={getattr(h, name)!r} is not one of {', '.join(map(str, allowed))}")
+    if h.compressor != "auto" and h.compressor not in compressors:
+        raise SettingError(f"{setting_name('compressor')}={h.compressor!r}: choose one of "
+                           f"{', '.join(compressors + ['auto'])} (installed here)")
+    check_ttt(h)
     if h.eval_stride > h.train_seq_len:
         raise SettingError(f"{setting_name('eval_stride')}={h.eval_stride} is longer than TRAIN_SEQ_LEN="
                            f"{h.train_seq_len}: windows would skip tokens; use a stride <= the window")

@@ -199,15 +199,8 @@ def evaluate_ttt(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, lu
         if do_train:
             ts = time.perf_counter()
             model.train()
-            for group in opt.param_groups:
-                group["lr"] = chunk_lr(c, len(bounds), lr)
-            windows = train_windows(a, b, seq_len)
-            with torch.enable_grad():
-                for _ in range(epochs):
-                    for k in range(0, len(windows), step_seqs):
-                        _train_step(model, opt, params, loss_fn, stream, lo, windows[k:k + step_seqs],
-                                    rank, world_size, autocast, grad_clip, device)
-                        steps += 1
+            steps += train_span(model, opt, params, loss_fn, stream, lo, a, b, seq_len, epochs, step_seqs,
+                                chunk_lr(c, len(bounds), lr), rank, world_size, autocast, grad_clip, device)
             trained += 1
             _sync(device)
             train_s += time.perf_counter() - ts
@@ -225,6 +218,32 @@ def evaluate_ttt(model: nn.Module, tokens: Tensor, seq_len: int, stride: int, lu
             dist.all_reduce(per_tok, op=dist.ReduceOp.SUM)
         stats["per_token"] = per_tok.cpu()
     return result, stats
+
+
+def sgd_settings(hp: dict) -> dict:
+    """evaluate_ttt's keyword arguments from a run's settings (train_gpt.Hyperparameters as a dict, or
+    the hparams its log saved): the one place the TTT_* settings of `TTT=sgd` become arguments."""
+    return dict(chunk_tokens=int(hp["ttt_chunk"]), epochs=int(hp["ttt_epochs"]), lr=float(hp["ttt_lr"]),
+                momentum=float(hp["ttt_momentum"]), grad_clip=float(hp["ttt_clip"]))
+
+
+def train_span(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], loss_fn, stream: Tensor,
+               lo: int, a: int, b: int, seq_len: int, epochs: int, step_seqs: int, lr: float, rank: int,
+               world_size: int, autocast, grad_clip: float, device: torch.device) -> int:
+    """`epochs` passes over targets [a, b) of `stream` (which starts at target lo) in non-overlapping
+    seq_len windows, one SGD step per `step_seqs` windows at `lr` (all ranks together); the training
+    half of a TTT chunk, and of a phase of TTT=lora (hybrid/training/ttt_lora.py). Returns the steps."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    windows = train_windows(a, b, seq_len)
+    steps = 0
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for k in range(0, len(windows), step_seqs):
+                _train_step(model, opt, params, loss_fn, stream, lo, windows[k:k + step_seqs], rank, world_size,
+                            autocast, grad_clip, device)
+                steps += 1
+    return steps
 
 
 def _train_step(model: nn.Module, opt: torch.optim.Optimizer, params: list[Tensor], loss_fn, stream: Tensor,

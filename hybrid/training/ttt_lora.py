@@ -93,7 +93,7 @@ from torch import Tensor, nn
 
 from data.bpb import ByteLuts
 from hybrid.training.evaluate import EvalResult, _finish, _masked_sums
-from hybrid.training.ttt import _train_step, chunk_bounds, chunk_lr, train_windows
+from hybrid.training.ttt import chunk_bounds, chunk_lr, train_span
 from hybrid.layers import CastedLinear, CausalAttention
 
 LORA_TARGETS = ("attn", "mixer", "head")
@@ -205,7 +205,7 @@ def phase_sgd(model: nn.Module, tokens: Tensor, a: int, b: int, seq_len: int, de
               grad_clip: float, step_seqs: int) -> int:
     """The global SGD of a phase: train `model`'s weights in place on targets [a, b) of the stream (all
     scored already), chunk by chunk, every rank together; returns the number of SGD steps."""
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     for p in params:
         p.requires_grad_(True)
     opt = torch.optim.SGD(params, lr=lr, momentum=momentum)
@@ -213,16 +213,9 @@ def phase_sgd(model: nn.Module, tokens: Tensor, a: int, b: int, seq_len: int, de
     bounds = chunk_bounds(b - a, chunk)
     steps = 0
     model.train()
-    with torch.enable_grad():
-        for c, (ca, cb) in enumerate(bounds):
-            for group in opt.param_groups:
-                group["lr"] = chunk_lr(c, len(bounds) + 1, lr)  # + 1: its last chunk still gets a small lr
-            windows = train_windows(ca, cb, seq_len)
-            for _ in range(epochs):
-                for k in range(0, len(windows), step_seqs):
-                    _train_step(model, opt, params, model, stream, 0, windows[k:k + step_seqs], rank, world_size,
-                                autocast, grad_clip, device)
-                    steps += 1
+    for c, (ca, cb) in enumerate(bounds):  # cosine over len + 1: its last chunk still gets a small lr
+        steps += train_span(model, opt, params, model, stream, 0, ca, cb, seq_len, epochs, step_seqs,
+                            chunk_lr(c, len(bounds) + 1, lr), rank, world_size, autocast, grad_clip, device)
     opt.zero_grad(set_to_none=True)
     model.eval()
     return steps
