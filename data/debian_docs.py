@@ -287,6 +287,13 @@ def tokenizer_pieces(docs, limit: int = TOKENIZER_PIECE_BYTES):
             yield "\n".join(piece)
 
 
+def cut_documents(keyed_docs, limit: int):
+    """Each (key, text) cut at line breaks into pieces of at most `limit` bytes, keyed "key#i"."""
+    for key, text in keyed_docs:
+        for i, piece in enumerate(tokenizer_pieces([text], limit)):
+            yield f"{key}#{i}", piece
+
+
 def collect_documents(packages, mirror=DEFAULT_MIRROR, suite=DEFAULT_SUITE, arch=DEFAULT_ARCH,
                       cache_dir=DATA_DIR / "downloads" / "debian", refresh_index=False):
     """([(key, text)] deduplicated, [per-package info]) for `packages`, in the order given."""
@@ -313,8 +320,15 @@ def collect_documents(packages, mirror=DEFAULT_MIRROR, suite=DEFAULT_SUITE, arch
 
 
 def build_corpus(output_dir, packages=DEFAULT_PACKAGES, vocab_size=1024, tokenizer_prefix=None,
-                 val_fraction=VAL_FRACTION, shard_size=SHARD_SIZE, threads=0, **source):
-    """Collect, split, train the tokenizer, write shards + manifest; return (stats, tokenizer_path, info)."""
+                 val_fraction=VAL_FRACTION, shard_size=SHARD_SIZE, threads=0, max_train_doc_bytes=0, **source):
+    """Collect, split, train the tokenizer, write shards + manifest; return (stats, tokenizer_path, info).
+
+    max_train_doc_bytes > 0 cuts training documents into pieces of at most that many bytes, each placed in
+    the stream by the hash of its own key: a long manual then no longer fills many consecutive steps of one
+    run. Validation documents, the split and the tokenizer are those of the uncut build. A single line longer
+    than the limit stays whole."""
+    if max_train_doc_bytes < 0:
+        raise DebianDocsError(f"--max-train-doc-bytes must be >= 0 (0 keeps documents whole), got {max_train_doc_bytes}")
     threads = threads or min(8, os.cpu_count() or 1)
     t0 = time.perf_counter()
     keyed, info = collect_documents(packages, **source)
@@ -328,12 +342,16 @@ def build_corpus(output_dir, packages=DEFAULT_PACKAGES, vocab_size=1024, tokeniz
     prefix = Path(tokenizer_prefix) if tokenizer_prefix else DATA_DIR / "tokenizers" / f"debdocs_{vocab_size}_bpe"
     # Only training documents shape the tokenizer, so validation stays unseen.
     model_path = train_tokenizer(tokenizer_pieces(train), prefix, vocab_size, num_threads=threads)
+    if max_train_doc_bytes:
+        whole = [(key, text) for key, text in keyed if _hash_unit(key) >= val_fraction]
+        train = split_documents(cut_documents(whole, max_train_doc_bytes), 0.0)[1]
+        print(f"{len(whole)} training documents cut into {len(train)} pieces of at most {max_train_doc_bytes} bytes")
     stats, model_path = build_dataset(
         lambda: val + train, output_dir, vocab_size, len(val), tokenizer=model_path, shard_size=shard_size,
         num_threads=threads, manifest_extra={
             "source": "Debian documentation packages", "corpus_format": CORPUS_FORMAT,
             "suite": source.get("suite", DEFAULT_SUITE), "packages": info, "utf8_bytes": utf8_bytes,
-            "val_fraction": val_fraction})
+            "val_fraction": val_fraction, "max_train_doc_bytes": max_train_doc_bytes})
     return stats, model_path, info
 
 
@@ -351,12 +369,15 @@ def debian_docs_main(argv=None) -> None:
     parser.add_argument("--tokenizer-out", help="tokenizer prefix (default data/tokenizers/debdocs_<V>_bpe)")
     parser.add_argument("--val-fraction", type=float, default=VAL_FRACTION)
     parser.add_argument("--threads", type=int, default=0, help="tokenizer threads (default min(8, CPUs))")
+    parser.add_argument("--max-train-doc-bytes", type=int, default=0,
+                        help="cut training documents into pieces of at most this many bytes, each placed by its "
+                             "own hash (default 0: whole documents)")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     stats, model_path, _ = build_corpus(
         args.output_dir, args.packages, args.vocab_size, args.tokenizer_out, args.val_fraction,
-        threads=args.threads, mirror=args.mirror, suite=args.suite, arch=args.arch,
-        cache_dir=Path(args.cache_dir), refresh_index=args.refresh_index)
+        threads=args.threads, max_train_doc_bytes=args.max_train_doc_bytes, mirror=args.mirror, suite=args.suite,
+        arch=args.arch, cache_dir=Path(args.cache_dir), refresh_index=args.refresh_index)
     print(f"wrote {args.output_dir}: val {stats['docs_val']} docs / {stats['tokens_val']:,} tokens, "
           f"train {stats['docs_train']} docs / {stats['tokens_train']:,} tokens; tokenizer {model_path}; "
           f"{time.perf_counter() - t0:.0f}s")

@@ -12,7 +12,7 @@ import sentencepiece as spm
 import zstandard
 
 from data.debian_docs import (DebianDocsError, build_corpus, compare_versions, deb_data_tar, deb_documents,
-                              html_to_text, split_documents, tokenizer_pieces)
+                              cut_documents, html_to_text, split_documents, tokenizer_pieces)
 from data.shards import read_shard, shard_token_count
 
 PAGE = """<!DOCTYPE html><html><head><title>Page title</title><style>body {{ color: red }}</style>
@@ -180,3 +180,44 @@ def test_split_is_by_key_hash_and_tokenizer_pieces_stay_short():
     doc = "\n".join(f"line {i} " + "x" * 50 for i in range(300)) + "\n" + "y" * 5000
     pieces = list(tokenizer_pieces([doc], limit=1000))
     assert "\n".join(pieces) == doc and all(len(p) <= 1000 for p in pieces[:-1]) and pieces[-1] == "y" * 5000
+
+
+def test_cut_training_documents_keep_val_and_tokenizer_and_scatter_the_pieces(tmp_path, mirror):
+    url, _ = mirror
+
+    def build(name, **cut):
+        out = tmp_path / name
+        _, model_path, _ = build_corpus(out, ["pkg-a", "pkg-b"], 320, tmp_path / "tok" / name, val_fraction=0.3,
+                                        threads=1, mirror=url, suite="test", cache_dir=tmp_path / "cache", **cut)
+        return out, model_path
+
+    (whole, whole_tok), (cut, cut_tok) = build("whole"), build("cut", max_train_doc_bytes=300)
+    # The tokenizer sees the uncut documents (the .model files differ only in the prefix they record).
+    assert whole_tok.with_suffix(".vocab").read_bytes() == cut_tok.with_suffix(".vocab").read_bytes()
+    assert (whole / "fineweb_val_000000.bin").read_bytes() == (cut / "fineweb_val_000000.bin").read_bytes()
+    sp = spm.SentencePieceProcessor(model_file=str(cut_tok))
+
+    def train_docs(out):
+        t = np.concatenate([read_shard(p) for p in sorted(out.glob("fineweb_train_*.bin"))])
+        return [sp.decode(d.tolist()) for d in np.split(t, np.flatnonzero(t == 1))[1:]]
+
+    docs, pieces = train_docs(whole), train_docs(cut)
+    assert len(pieces) > 2 * len(docs) and json.loads((cut / "manifest.json").read_text())["max_train_doc_bytes"] == 300
+    words = lambda texts: sorted(w for t in texts for w in t.split())
+    assert words(pieces) == words(docs)  # the same text, cut only at line breaks
+    with pytest.raises(DebianDocsError, match="--max-train-doc-bytes must be >= 0"):
+        build("bad", max_train_doc_bytes=-1)
+
+
+def test_cut_pieces_are_bounded_and_placed_by_their_own_hash():
+    doc = lambda n: "\n".join(f"doc {n} line {i} " + "x" * 40 for i in range(100))
+    keyed = [("pkg:a.html", doc(0)), ("pkg:b.html", doc(1))]
+    pieces = list(cut_documents(keyed, 500))
+    assert all(len(p.encode("utf-8")) <= 500 for _, p in pieces)
+    assert [k for k, _ in pieces][:2] == ["pkg:a.html#0", "pkg:a.html#1"] and len({k for k, _ in pieces}) == len(pieces)
+    for key, text in keyed:
+        assert "\n".join(p for k, p in pieces if k.startswith(key + "#")) == text
+    _, ordered = split_documents(pieces, 0.0)
+    source = [p.split(" ")[1] for p in ordered]  # which document each piece came from, in stream order
+    runs = 1 + sum(a != b for a, b in zip(source, source[1:]))
+    assert len(ordered) == len(pieces) and runs > len(pieces) // 4  # interleaved, not two long runs
