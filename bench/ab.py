@@ -17,9 +17,10 @@ loses to a bad recipe. `--equal-time` gives every arm the first arm's estimated 
 (bench/h100_time.py) by scaling its ITERATIONS and WARMDOWN_ITERS.
 
 Output: per run and per arm (mean ± sample std over seeds) the round-trip val_bpb, the pre-quant
-val_bpb, the quantization gap, model and code bytes, steps and training time; then each later arm
-against the first with `records compare`'s one-sided Welch t-test on val_loss (nats) at margin 0
-(is the difference real at all?) and at the challenge's 0.005. A markdown copy goes to
+val_bpb, the quantization gap, model and code bytes, steps and training time; the train-loss curves as
+a table (each arm's mean at five steps and at its end); then each later arm against the first with
+`records compare`'s one-sided Welch t-test on val_loss (nats) at margin 0 (is it better at all?) and at
+the challenge's 0.005, and the first against it at margin 0 (is the base better?). A markdown copy goes to
 <out>/ab.md, the numbers to <out>/ab.json, and with matplotlib the train-loss curves of every run
 to <out>/curves.png.
 
@@ -202,12 +203,43 @@ def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
     base = [v["val_loss"] for v in runs.values() if v["arm"] == arms[0]]
     for name in arms[1:]:
         new = [v["val_loss"] for v in runs.values() if v["arm"] == name]
-        for margin in (0.0, 0.005):
+        # Is the arm better than the base (at margin 0 and at the challenge's 0.005), and is the base
+        # better than the arm? The second question is the one a default must answer against a control.
+        for better, worse, b_name, w_name, margin in ((new, base, name, arms[0], 0.0), (new, base, name, arms[0], 0.005),
+                                                      (base, new, arms[0], name, 0.0)):
             if len(new) > 1 and len(base) > 1:
-                c = compare_losses(new, base, margin=margin)
-                tests.append(dict(new=name, base=arms[0], margin=margin, lines=c.lines(),
+                c = compare_losses(better, worse, margin=margin)
+                tests.append(dict(new=b_name, base=w_name, margin=margin, lines=c.lines(),
                                   significant=c.significant))
     return dict(runs=runs, arms=per_arm, tests=tests)
+
+
+def curve_table(summary: dict, columns: int = 5) -> list[str]:
+    """Markdown rows: each arm's train loss, averaged over its seeds and over the logged steps in
+    (p − w, p], at `columns` evenly spaced steps p of the longest run (w = a tenth of it), and over the
+    last w steps of each run ("end"), so curves of arms with different step counts sit side by side."""
+    last = max((s for v in summary["runs"].values() for s, _ in v["curve"]), default=0)
+    if last == 0:
+        return []
+    w = max(1, last // 10)
+    points = sorted({max(1, round(last * i / columns)) for i in range(1, columns + 1)})
+
+    def at(arm, end_of):
+        vals = []
+        for v in summary["runs"].values():
+            if v["arm"] == arm and v["curve"]:
+                p = end_of(v)
+                xs = [l for s, l in v["curve"] if p - w < s <= p]
+                if xs and v["curve"][-1][0] >= p:
+                    vals.append(sum(xs) / len(xs))
+        return f"{sum(vals) / len(vals):.4f}" if vals else "-"
+
+    out = [f"| train loss (mean of steps (p−{w}, p], over seeds) | " + " | ".join(f"p = {p}" for p in points)
+           + " | end |", "|---|" + "---|" * (len(points) + 1)]
+    for arm in summary["arms"]:
+        out.append(f"| {arm} | " + " | ".join(at(arm, lambda v, p=p: p) for p in points)
+                   + f" | {at(arm, lambda v: v['curve'][-1][0])} |")
+    return out
 
 
 def markdown(summary: dict) -> str:
@@ -227,6 +259,9 @@ def markdown(summary: dict) -> str:
         out.append(f"| {name} | {a['n']} | {f(m, '.4f')} ± {f(s, '.4f')} | {f(a['pre_bpb'][0], '.4f')} | "
                    f"{f(a['gap'][0], '+.4f')} | {f(a['model_bytes'][0], ',.0f')} | "
                    f"{f(a.get('est_h100_ms'), '.2f')} |")
+    curves = curve_table(summary)
+    if curves:
+        out += ["", *curves]
     for name, sw in summary.get("sweep", {}).items():
         out += ["", f"sweep {name}: " + ", ".join(f"{sw['var']}={v}: val_loss {l:.4f}" for v, l in sw["values"].items())
                 + f" -> {sw['best']}"]

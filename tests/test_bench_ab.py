@@ -36,8 +36,17 @@ def test_tiny_ab_runs_every_arm_and_seed_and_resumes(tmp_path, sample_corpus):
     vals = [summary["runs"][f"b_s{s}"]["val_bpb"] for s in (1, 2)]
     assert b["n"] == 2 and b["val_bpb"][0] == pytest.approx(sum(vals) / 2)
     assert summary["runs"]["a_s1"]["model_bytes"] < summary["runs"]["b_s1"]["model_bytes"]  # MLP 2x vs 3x
-    assert [t["margin"] for t in summary["tests"]] == [0.0, 0.005]
-    assert "| a_s1 | 4 |" in (out / "ab.md").read_text()
+    assert [(t["new"], t["base"], t["margin"]) for t in summary["tests"]] == [("b", "a", 0.0), ("b", "a", 0.005),
+                                                                             ("a", "b", 0.0)]
+    md = (out / "ab.md").read_text()
+    assert "| a_s1 | 4 |" in md
+    # The curve table: arm a's loss at step 4 is the mean over seeds of each run's logged step-4 loss.
+    lines = md.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| train loss"))
+    assert lines[head].endswith("| p = 4 | end |")
+    cells = lines[head + 2].strip("| ").split(" | ")
+    step4 = [dict(summary["runs"][f"a_s{s}"]["curve"])[4] for s in (1, 2)]
+    assert cells[0] == "a" and cells[-2] == cells[-1] == f"{sum(step4) / 2:.4f}"  # a window of one step
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")}
     assert main(argv) == 0  # finished runs are not repeated
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")} == before
