@@ -278,15 +278,27 @@ def plot(summary: dict, path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, ax = plt.subplots(figsize=(8, 5))
+    # Every run reads the same stream, so the text moves all curves together (left); the right panel
+    # subtracts the first arm's mean at each step, which leaves what the arms do differently.
+    fig, (ax, dx) = plt.subplots(1, 2, figsize=(14, 5))
     colors = {name: f"C{i}" for i, name in enumerate(summary["arms"])}
+    base_arm = next(iter(summary["arms"]))
+    base_curves = [dict(v["curve"]) for v in summary["runs"].values() if v["arm"] == base_arm and v["curve"]]
+    common = set.intersection(*(set(c) for c in base_curves)) if base_curves else set()
+    base = {s: sum(c[s] for c in base_curves) / len(base_curves) for s in common}
     for rid, v in sorted(summary["runs"].items()):
         if v["curve"]:
             xs, ys = zip(*v["curve"])
             ax.plot(xs, ys, color=colors[v["arm"]], alpha=0.7, label=rid)
+            diff = [(s, l - base[s]) for s, l in v["curve"] if s in base]
+            if diff:
+                dx.plot(*zip(*diff), color=colors[v["arm"]], alpha=0.7, label=rid)
     ax.set_xlabel("step")
     ax.set_ylabel("train loss (nats)")
     ax.legend(fontsize=7)
+    dx.axhline(0.0, color="k", lw=0.5)
+    dx.set_xlabel("step")
+    dx.set_ylabel(f"train loss − mean of {base_arm} at the same step (nats)")
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
     return True
