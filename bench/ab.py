@@ -200,17 +200,15 @@ def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
         per_arm[name] = {k: stat(k) for k in ("val_bpb", "val_loss", "pre_bpb", "gap", "model_bytes", "train_s")}
         per_arm[name]["n"] = len(rs)
     tests = []
-    base = [v["val_loss"] for v in runs.values() if v["arm"] == arms[0]]
+    losses = {name: [v["val_loss"] for v in runs.values() if v["arm"] == name] for name in arms}
     for name in arms[1:]:
-        new = [v["val_loss"] for v in runs.values() if v["arm"] == name]
+        if len(losses[name]) < 2 or len(losses[arms[0]]) < 2:
+            continue
         # Is the arm better than the base (at margin 0 and at the challenge's 0.005), and is the base
         # better than the arm? The second question is the one a default must answer against a control.
-        for better, worse, b_name, w_name, margin in ((new, base, name, arms[0], 0.0), (new, base, name, arms[0], 0.005),
-                                                      (base, new, arms[0], name, 0.0)):
-            if len(new) > 1 and len(base) > 1:
-                c = compare_losses(better, worse, margin=margin)
-                tests.append(dict(new=b_name, base=w_name, margin=margin, lines=c.lines(),
-                                  significant=c.significant))
+        for new, base, margin in ((name, arms[0], 0.0), (name, arms[0], 0.005), (arms[0], name, 0.0)):
+            c = compare_losses(losses[new], losses[base], margin=margin)
+            tests.append(dict(new=new, base=base, margin=margin, lines=c.lines(), significant=c.significant))
     return dict(runs=runs, arms=per_arm, tests=tests)
 
 
@@ -224,21 +222,21 @@ def curve_table(summary: dict, columns: int = 5) -> list[str]:
     w = max(1, last // 10)
     points = sorted({max(1, round(last * i / columns)) for i in range(1, columns + 1)})
 
-    def at(arm, end_of):
+    def at(arm, p=None):  # p None: each run's own last step
         vals = []
         for v in summary["runs"].values():
             if v["arm"] == arm and v["curve"]:
-                p = end_of(v)
-                xs = [l for s, l in v["curve"] if p - w < s <= p]
-                if xs and v["curve"][-1][0] >= p:
+                end = v["curve"][-1][0]
+                q = end if p is None else p
+                xs = [l for s, l in v["curve"] if q - w < s <= q]
+                if xs and end >= q:
                     vals.append(sum(xs) / len(xs))
         return f"{sum(vals) / len(vals):.4f}" if vals else "-"
 
     out = [f"| train loss (mean of steps (p−{w}, p], over seeds) | " + " | ".join(f"p = {p}" for p in points)
            + " | end |", "|---|" + "---|" * (len(points) + 1)]
     for arm in summary["arms"]:
-        out.append(f"| {arm} | " + " | ".join(at(arm, lambda v, p=p: p) for p in points)
-                   + f" | {at(arm, lambda v: v['curve'][-1][0])} |")
+        out.append(f"| {arm} | " + " | ".join(at(arm, p) for p in points) + f" | {at(arm)} |")
     return out
 
 

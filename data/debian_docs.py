@@ -264,12 +264,16 @@ def _hash_unit(key: str) -> float:
     return int(hashlib.sha256(key.encode("utf-8")).hexdigest()[:12], 16) / 16**12
 
 
+def split_keyed(keyed_docs, val_fraction: float = VAL_FRACTION):
+    """(val, train) (key, text) pairs: the split and the order inside each come from a hash of each key."""
+    ordered = sorted(((_hash_unit(key), key, text) for key, text in keyed_docs), key=lambda hkt: hkt[:2])
+    return ([(key, text) for h, key, text in ordered if h < val_fraction],
+            [(key, text) for h, key, text in ordered if h >= val_fraction])
+
+
 def split_documents(keyed_docs, val_fraction: float = VAL_FRACTION):
-    """(val, train) texts: the split and the order inside each come from a hash of each document's key."""
-    ordered = sorted(keyed_docs, key=lambda kd: (_hash_unit(kd[0]), kd[0]))
-    val = [text for key, text in ordered if _hash_unit(key) < val_fraction]
-    train = [text for key, text in ordered if _hash_unit(key) >= val_fraction]
-    return val, train
+    """(val, train) texts of `split_keyed`."""
+    return tuple([text for _, text in part] for part in split_keyed(keyed_docs, val_fraction))
 
 
 def tokenizer_pieces(docs, limit: int = TOKENIZER_PIECE_BYTES):
@@ -332,7 +336,8 @@ def build_corpus(output_dir, packages=DEFAULT_PACKAGES, vocab_size=1024, tokeniz
     threads = threads or min(8, os.cpu_count() or 1)
     t0 = time.perf_counter()
     keyed, info = collect_documents(packages, **source)
-    val, train = split_documents(keyed, val_fraction)
+    val_keyed, train_keyed = split_keyed(keyed, val_fraction)
+    val, train = [text for _, text in val_keyed], [text for _, text in train_keyed]
     if not val or not train:
         raise DebianDocsError(f"{len(keyed)} documents gave {len(val)} validation and {len(train)} training "
                               f"documents; add packages or change --val-fraction")
@@ -343,9 +348,9 @@ def build_corpus(output_dir, packages=DEFAULT_PACKAGES, vocab_size=1024, tokeniz
     # Only training documents shape the tokenizer, so validation stays unseen.
     model_path = train_tokenizer(tokenizer_pieces(train), prefix, vocab_size, num_threads=threads)
     if max_train_doc_bytes:
-        whole = [(key, text) for key, text in keyed if _hash_unit(key) >= val_fraction]
-        train = split_documents(cut_documents(whole, max_train_doc_bytes), 0.0)[1]
-        print(f"{len(whole)} training documents cut into {len(train)} pieces of at most {max_train_doc_bytes} bytes")
+        train = split_documents(cut_documents(train_keyed, max_train_doc_bytes), 0.0)[1]
+        print(f"{len(train_keyed)} training documents cut into {len(train)} pieces of at most "
+              f"{max_train_doc_bytes} bytes")
     stats, model_path = build_dataset(
         lambda: val + train, output_dir, vocab_size, len(val), tokenizer=model_path, shard_size=shard_size,
         num_threads=threads, manifest_extra={
