@@ -36,6 +36,12 @@ round(ITERATIONS_1 · ms_1 / ms_k) steps, and its WARMDOWN_ITERS is scaled by th
 its own resolved ITERATIONS (other step counts, such as the Muon momentum warm-up, are kept). The
 chosen iterations are printed before the runs start; a finished log is reused only if it ran them.
 Without the option nothing changes: every arm runs its own ITERATIONS.
+
+`--screen` runs the first arm on every seed and each other arm on the first seed only: a cheap pass
+over many variants. A one-seed variant has no spread of its own, so instead of the Welch test it is
+placed in the base's seed spread (records/stats.py, `screen_one_run`: the prediction t for one new
+run, which assumes the variant's seeds spread like the base's). A screen picks what deserves the
+full seeds; it does not establish a default.
 """
 from __future__ import annotations
 
@@ -51,7 +57,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from records.logs import LogError, parse_log
-from records.stats import compare_losses
+from records.stats import compare_losses, screen_one_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,7 +207,13 @@ def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
         per_arm[name]["n"] = len(rs)
     tests = []
     losses = {name: [v["val_loss"] for v in runs.values() if v["arm"] == name] for name in arms}
+    screens = []
     for name in arms[1:]:
+        if len(losses[name]) == 1 and len(losses[arms[0]]) >= 2:
+            # A one-seed variant: where its run falls in the base's seed spread (a screen, not a test
+            # of a default; records/stats.py's screen_one_run says what it assumes).
+            sc = screen_one_run(losses[name][0], losses[arms[0]])
+            screens.append(dict(new=name, base=arms[0], line=sc.line(), p_better=sc.p_better, p_worse=sc.p_worse))
         if len(losses[name]) < 2 or len(losses[arms[0]]) < 2:
             continue
         # Is the arm better than the base (at margin 0 and at the challenge's 0.005), and is the base
@@ -209,7 +221,7 @@ def summarize(arms: list[str], logs: dict[tuple[str, int], Path]) -> dict:
         for new, base, margin in ((name, arms[0], 0.0), (name, arms[0], 0.005), (arms[0], name, 0.0)):
             c = compare_losses(losses[new], losses[base], margin=margin)
             tests.append(dict(new=new, base=base, margin=margin, lines=c.lines(), significant=c.significant))
-    return dict(runs=runs, arms=per_arm, tests=tests)
+    return dict(runs=runs, arms=per_arm, tests=tests, screens=screens)
 
 
 def curve_table(summary: dict, columns: int = 5) -> list[str]:
@@ -263,6 +275,8 @@ def markdown(summary: dict) -> str:
     for name, sw in summary.get("sweep", {}).items():
         out += ["", f"sweep {name}: " + ", ".join(f"{sw['var']}={v}: val_loss {l:.4f}" for v, l in sw["values"].items())
                 + f" -> {sw['best']}"]
+    for sc in summary.get("screens", []):
+        out += ["", f"{sc['new']} (one seed) vs {sc['base']}: {sc['line']}"]
     for t in summary["tests"]:
         out += ["", f"{t['new']} vs {t['base']}, margin {t['margin']} nats:", "```", *t["lines"], "```"]
     return "\n".join(out) + "\n"
@@ -313,6 +327,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sweep", default="",
                     help="VAR=v1,v2,...: tune VAR per arm on the first seed first (the lowest round-trip val_loss "
                          "wins), then run every seed of the arm at its winner")
+    ap.add_argument("--screen", action="store_true",
+                    help="a one-seed screen: the first arm runs every seed, the others only the first seed")
     ap.add_argument("--equal-time", action="store_true",
                     help="scale each arm's ITERATIONS (and WARMDOWN_ITERS) to the first arm's estimated H100 time")
     a = ap.parse_args(argv)
@@ -340,7 +356,9 @@ def main(argv: list[str] | None = None) -> int:
              for name, p in plan.items()}
     threads = 1 if a.jobs > 1 else 0
     sweep = run_sweep(a.sweep, arms, common, extra, plan, seeds[0], out, a.preset, a.jobs, threads) if a.sweep else {}
-    jobs = [(name, seed) for seed in seeds for name in arms]  # seed-major: early results cover every arm
+    base = next(iter(arms))
+    jobs = [(name, seed) for seed in seeds for name in arms  # seed-major: early results cover every arm
+            if not a.screen or name == base or seed == seeds[0]]
     with ThreadPoolExecutor(max_workers=max(1, a.jobs)) as pool:
         futures = {job: pool.submit(run_one, out, job[0], job[1], {**common, **arms[job[0]], **extra.get(job[0], {})},
                                     a.preset, threads, plan[job[0]]["iterations"] if plan else None)

@@ -132,3 +132,41 @@ def compare_losses(new: list[float], base: list[float], margin: float = MIN_IMPR
         p = 1.0 - cdf(t, df)
     return Comparison(list(new), list(base), mn, mb, vn, vb, delta, t, df, p,
                       delta >= margin and p < P_THRESHOLD, note, margin)
+
+
+@dataclass
+class Screen:
+    """One run of a variant against n ≥ 2 seeds of the base: where does it fall in their spread?"""
+    value: float
+    base: list
+    mean_base: float
+    std_base: float
+    delta: float   # mean_base - value (nats; > 0 = the variant's run is better)
+    t: float
+    df: int
+    p_better: float  # one-sided: the variant better than the base
+    p_worse: float   # one-sided: the variant worse
+
+    def line(self) -> str:
+        return (f"one run {self.value:.8f} vs base n={len(self.base)} mean={self.mean_base:.8f} "
+                f"std={self.std_base:.8f}: improvement {self.delta:+.8f} nats, prediction t={self.t:.4f} "
+                f"df={self.df}, p(better)={self.p_better:.3g}, p(worse)={self.p_worse:.3g}")
+
+
+def screen_one_run(value: float, base: list[float], cdf=t_cdf) -> Screen:
+    """A screen for a variant run on one seed. The base's seeds estimate the seed-to-seed spread σ,
+    and one run of the variant carries that spread too, so the difference from the base's mean has
+    variance σ²(1 + 1/n): t = (mean_base − value) / (s·√(1 + 1/n)) with n − 1 degrees of freedom
+    (the prediction interval for one new draw; it assumes the variant's seed spread equals the base's).
+    compare_losses' one-seed case instead treats the single value as exact, which fits a published
+    record but overstates a one-seed screen."""
+    if len(base) < 2:
+        raise ValueError("the base needs two or more seeds to estimate the seed spread")
+    mb, vb = _mean_var(base)
+    delta = mb - value
+    n = len(base)
+    if vb == 0:
+        raise ValueError("the base's seeds are identical: no spread to screen against")
+    t = delta / math.sqrt(vb * (1.0 + 1.0 / n))
+    p_better = 1.0 - cdf(t, n - 1)
+    return Screen(value, list(base), mb, math.sqrt(vb), delta, t, n - 1, p_better, 1.0 - p_better)

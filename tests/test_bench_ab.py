@@ -8,6 +8,7 @@ import pytest
 
 from bench.ab import main, parse_arm, parse_assignments
 from records.logs import parse_log
+from records.stats import screen_one_run
 
 
 def test_arm_and_env_parsing():
@@ -50,6 +51,18 @@ def test_tiny_ab_runs_every_arm_and_seed_and_resumes(tmp_path, sample_corpus):
     before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")}
     assert main(argv) == 0  # finished runs are not repeated
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.txt")} == before
+    # A screen: the base keeps both seeds, the new arm c runs seed 1 only and is placed in a's spread.
+    screen = ["--out", str(out), "--preset", "tiny", "--seeds", "1,2", "--screen",
+              "--arm", "a: MLP_MULT=2", "--arm", "c: MLP_MULT=1", "--env", argv[-1]]
+    assert main(screen) == 0
+    assert not (out / "c_s2.txt").exists() and {p.name: p.stat().st_mtime_ns for p in out.glob("a_*.txt")} == {
+        k: v for k, v in before.items() if k.startswith("a_")}
+    summary = json.loads((out / "ab.json").read_text())
+    (sc,) = summary["screens"]
+    a_loss = [summary["runs"][f"a_s{s}"]["val_loss"] for s in (1, 2)]
+    expect = screen_one_run(summary["runs"]["c_s1"]["val_loss"], a_loss)
+    assert (sc["new"], sc["base"], sc["line"]) == ("c", "a", expect.line()) and summary["tests"] == []
+    assert f"c (one seed) vs a: {expect.line()}" in (out / "ab.md").read_text()
 
 
 def test_sweep_tunes_each_arm_on_the_first_seed_and_reuses_the_winner(tmp_path, sample_corpus):

@@ -15,7 +15,7 @@ from records.__main__ import main as records_main
 from records.folder import new_record
 from records.logs import parse_log
 from records.merge import MergeError, merge_checkpoints, save_merged
-from records.stats import betainc_reg, compare_losses, t_cdf_own
+from records.stats import betainc_reg, compare_losses, screen_one_run, t_cdf_own
 from records.verify import verify_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,6 +76,25 @@ def test_significance_rule():
     assert "(required >= 0.005)" in c.lines()[2]
     plain = compare_losses(small, base, margin=0.0)
     assert plain.significant and "(required >= 0)" in plain.lines()[2] and "improvement > 0:" in plain.lines()[3]
+
+
+
+def test_one_run_screen_is_the_prediction_t_against_the_bases_spread():
+    # base [1, 2, 3]: mean 2, s = 1, n = 3; a run at 0 is 2 better: t = 2 / sqrt(1 + 1/3) = sqrt(3),
+    # df 2, where Student's CDF is closed-form: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
+    s = screen_one_run(0.0, [1.0, 2.0, 3.0], cdf=t_cdf_own)
+    assert (s.delta, s.df, s.std_base) == (2.0, 2, 1.0)
+    assert s.t == pytest.approx(math.sqrt(3.0))
+    assert s.p_better == pytest.approx(0.5 - math.sqrt(3.0) / (2 * math.sqrt(5.0)))
+    assert s.p_better + s.p_worse == pytest.approx(1.0)
+    worse = screen_one_run(4.0, [1.0, 2.0, 3.0], cdf=t_cdf_own)   # mirror image: 2 worse
+    assert worse.p_worse == pytest.approx(s.p_better) and worse.delta == -2.0
+    # wider than compare_losses' one-seed case, which takes the single value as exact
+    assert s.p_better > compare_losses([0.0], [1.0, 2.0, 3.0], margin=0.0, cdf=t_cdf_own).p
+    assert "p(better)=" in s.line()
+    for bad in ([1.0], [2.0, 2.0]):
+        with pytest.raises(ValueError):
+            screen_one_run(0.0, bad)
 
 
 # --- record folders -----------------------------------------------------------------------------
