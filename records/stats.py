@@ -145,7 +145,10 @@ class Screen:
     t: float
     df: int
     p_better: float  # one-sided: the variant better than the base
-    p_worse: float   # one-sided: the variant worse
+
+    @property
+    def p_worse(self) -> float:  # one-sided: the variant worse
+        return 1.0 - self.p_better
 
     def line(self) -> str:
         return (f"one run {self.value:.8f} vs base n={len(self.base)} mean={self.mean_base:.8f} "
@@ -168,5 +171,4 @@ def screen_one_run(value: float, base: list[float], cdf=t_cdf) -> Screen:
     if vb == 0:
         raise ValueError("the base's seeds are identical: no spread to screen against")
     t = delta / math.sqrt(vb * (1.0 + 1.0 / n))
-    p_better = 1.0 - cdf(t, n - 1)
-    return Screen(value, list(base), mb, math.sqrt(vb), delta, t, n - 1, p_better, 1.0 - p_better)
+    return Screen(value, list(base), mb, math.sqrt(vb), delta, t, n - 1, 1.0 - cdf(t, n - 1))

@@ -78,7 +78,6 @@ def test_significance_rule():
     assert plain.significant and "(required >= 0)" in plain.lines()[2] and "improvement > 0:" in plain.lines()[3]
 
 
-
 def test_one_run_screen_is_the_prediction_t_against_the_bases_spread():
     # base [1, 2, 3]: mean 2, s = 1, n = 3; a run at 0 is 2 better: t = 2 / sqrt(1 + 1/3) = sqrt(3),
     # df 2, where Student's CDF is closed-form: F(t) = 1/2 + t / (2 sqrt(2 + t^2)).
