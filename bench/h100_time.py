@@ -116,7 +116,10 @@ UPDATE_BYTES = 2  # Muon's orthogonalised updates travel in bf16 (hybrid/trainin
 ELEMENTWISE_PASSES = {
     # TokenShiftMix: shift + the two lerps (read h, write xr, xk: 3), relu² of k (2), σ(r)⊙v (3).
     "TokenShiftMix": 8,
-    # Other T mixers (hybrid/token_mix.py): assumed as TokenShiftMix (their extra work is small).
+    # Other T mixers (hybrid/token_mix.py): counted as TokenShiftMix. For "conv" (the default) that is
+    # its fused kernel's traffic too: it reads h once (the K shifted taps come from cache) and writes
+    # xr and xk; the taps' gradients reduce over the same reads in the backward. ddlerp's LoRA
+    # matmuls are counted as linears; its few extra passes are not.
     "T": 8,
     # RWKV-7 time-mix: six token-shift lerps, decay, LoRA gates, the kernel's r, w, k, v, a, b in and
     # y out, group norm, gating: a rough 30 (unmeasured, like every R-layer figure here).

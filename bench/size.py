@@ -31,6 +31,7 @@ import torch
 import train_gpt
 from data.bpb import build_byte_luts, load_tokenizer
 from data.shards import load_validation_tokens
+from hybrid.config import as_saved
 from hybrid.training.checkpoint import load_checkpoint
 from hybrid.training.evaluate import evaluate
 from hybrid.model import HybridGPT
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--gptq-seq-len", type=int, default=128)
     args = ap.parse_args()
     state = load_checkpoint(args.checkpoint)
-    h = train_gpt.Hyperparameters(**state["hparams"])
+    arch = str(state["hparams"].get("arch", "hybrid"))
+    h = train_gpt.Hyperparameters(**as_saved(state["hparams"], arch))
     cfg = h.model_config()
     model = HybridGPT(cfg)
     model.load_state_dict(state["model"])

@@ -6,9 +6,10 @@ importing one module never loads the others (a run's counted code is what it imp
 
 Models and layers
 - config.py      ModelConfig (every model field, validated), parse_layer_pattern, ARCH_DEFAULTS per --arch
-- layers.py      CastedLinear, Rotary, MLP, TokenShiftMix (T), CausalAttention (W/F, XSA), SmearGate,
+- layers.py      CastedLinear, Rotary, MLP, TokenShiftMix (T, "shift"), CausalAttention (W/F, XSA), SmearGate,
                  BigramHash, ValueEmbedding
-- token_mix.py   the other T-layer mixers (TOKEN_MIX: ddlerp, conv, shiftk, shift_silu_gate), loaded on use
+- token_mix.py   the T-layer mixers beyond the lerp (TOKEN_MIX: conv, the default; ddlerp, shiftk,
+                 shift_silu_gate); not loaded by TOKEN_MIX=shift
 - attention.py   attention_ref (dense reference) and attention / flex_window_attention (fast paths)
 - model.py       Block, RWKVBlock, HybridGPT, count_params
 - moe.py         MoEFFN and its routing and load balancing (lower-case pattern letters), loaded on use

@@ -10,13 +10,14 @@ bad env override fails before any tensor is allocated, with a message that names
 
 Layer pattern: one letter per layer, written out at full length (no tiling), e.g. "TTTWTTWTTWTF".
 The letter picks the block's sequence mixer:
-  T  token-shift mixer (one-token lookback, no attention)       docs/TECHNIQUES.md "Token-shift mixer"
+  T  token-shift mixer (a few tokens of lookback, no attention) docs/TECHNIQUES.md "Token-shift mixer"
   W  causal attention over a sliding window of `attn_window` tokens (the query and the w-1 before it)
   F  full causal attention
   R  RWKV-7 time-mix (hybrid/rwkv7.py; docs/TECHNIQUES.md "RWKV-7"); the first R layer makes the value residual
      v_first that every later R layer mixes in
-The T mixer itself is `token_mix`: "shift" (TokenShiftMix, the default) or one of the stronger
-variants of hybrid/token_mix.py (ddlerp, conv, shiftk, shift_silu_gate; K = token_mix_kernel).
+The T mixer itself is `token_mix`: "conv" (the default: a causal depthwise convolution over the last
+K = token_mix_kernel tokens in place of the one-token lerp), "shift" (TokenShiftMix, the published
+hybrid's lerp) or another variant of hybrid/token_mix.py (ddlerp, shiftk, shift_silu_gate).
 Its case picks the FFN: upper case = the dense FFN (the hybrid MLP; an R layer takes RWKV-7's
 channel-mix instead when rwkv_ffn="cmix"), lower case = the same mixer with a Mixture-of-Experts FFN
 (hybrid/moe.py, shaped by the moe_* fields, which need moe_num_experts > 0). So "TttWttWttWtF" says
@@ -120,7 +121,9 @@ class ModelConfig:
         "one letter per layer: T token-shift, W windowed attention, F full attention, R RWKV-7 time-mix; "
         "lower case = the same mixer with an MoE FFN")})
     attn_window: int = field(default=128, metadata={"help": "tokens a W layer's query sees, itself included"})
-    token_mix: str = field(default="shift", metadata={"help": (
+    # "conv" with XSA off (xsa_last 0) is issue 11's measured winner on held-out text at the CPU scale:
+    # 5 seeds of 500 steps, 0.03 nats under "shift" with XSA (docs/PERF.md, "conv and XSA off together").
+    token_mix: str = field(default="conv", metadata={"help": (
         "T-layer mixer (hybrid/token_mix.py): shift (one-token lerp) | ddlerp (RWKV-6's data-dependent "
         "lerp) | conv (causal depthwise conv over K) | shiftk (softmax mix of the last K) | "
         "shift_silu_gate")})
@@ -133,7 +136,9 @@ class ModelConfig:
     qk_gain_init: float = field(default=4.0, metadata={"help": "initial per-head query gain"})
     # Neither the baseline nor the published hybrid has it, so "gpt" turns it off.
     qk_norm_gain: bool = field(default=True, metadata={"help": "learned per-dim gains after the q/k RMS norms"})
-    xsa_last: int = field(default=4, metadata={"help": (
+    # Off by default (see token_mix); the full-size records found XSA on the last 4 layers a small help
+    # (PR #1125), which XSA_LAST=4 restores.
+    xsa_last: int = field(default=0, metadata={"help": (
         "XSA on the last N attention (W or F) layers (0: off; more than there are: all)")})
     ve_layers: str = field(default="", metadata={"help": (
         "value-embedding layers: a comma list of attention layers, 'none', or empty for the last 2 "
@@ -392,6 +397,7 @@ _MOE_OVERRIDES = {
     "moe_bias_balancing": True, "moe_bias_rate": 1e-3, "moe_act": "leaky_relu2", "moe_dispatch": "auto",
     "bigram_buckets": 0, "ve_layers": "none",
     "qk_gain_init": 1.5,  # as fitted and measured (docs/PERF.md); not re-tuned since
+    "token_mix": "shift", "xsa_last": 4,  # its mixers as fitted and measured, not the hybrid's later default
 }
 
 ARCH_DEFAULTS: dict[str, dict] = {
@@ -417,6 +423,25 @@ def _unset(value) -> bool:
     """Not given: None (the trainer's unset model settings); "" or a negative number in the hparams
     of runs logged before the settings were declared once (2026-12-01), which used those marks."""
     return value is None or value == "" or (isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0)
+
+
+# Defaults that changed after runs were saved. Issue 11 (2026-12-02) made the T mixer "conv" and turned
+# the hybrid's XSA off; every run before ran "shift" (all archs) and XSA on the last 4 attention layers
+# (the hybrid; the others pin xsa_last). A saved run's settings lack such a field, or hold the old unset
+# mark, so they must be read with the former value, or an old log, checkpoint or record would rebuild a
+# model other than the one it holds.
+FORMER_DEFAULTS: dict[str, dict] = {arch: {"token_mix": "shift"} for arch in ("hybrid", "gpt", "rwkv7", "moe")}
+FORMER_DEFAULTS["hybrid"]["xsa_last"] = 4
+
+
+def as_saved(values: dict, arch: str = "hybrid") -> dict:
+    """`values` (a saved run's hparams, or a logged model_config, of `arch`) with each field whose default
+    has changed since (FORMER_DEFAULTS) set to the former default where it is missing or unset."""
+    out = dict(values)
+    for name, former in FORMER_DEFAULTS.get(arch, {}).items():
+        if _unset(out.get(name)):
+            out[name] = former
+    return out
 
 
 def model_config_from(arch: str, values: dict) -> ModelConfig:

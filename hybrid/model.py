@@ -2,7 +2,7 @@
 
     ids -> tok_emb (+ BigramHash) -> RMSNorm -> (SmearGate) = x0
         -> blocks, each: x = m0⊙x + m1⊙x0;  x += mix_scale⊙mixer(norm(x)·s);  x += mlp_scale⊙ffn(norm(x)·s)
-           (mixer: TokenShiftMix for T, or cfg.token_mix's variant (hybrid/token_mix.py), CausalAttention
+           (mixer: cfg.token_mix's T mixer (hybrid/token_mix.py; TokenShiftMix for "shift"), CausalAttention
            for W/F, RWKV7TimeMix for R; ffn: MLP, RWKV-7
            channel-mix for R with rwkv_ffn="cmix", MoEFFN for a lower-case letter; s = LN scale;
            optional U-Net skips)
@@ -116,7 +116,7 @@ def shifted_call(fn, x: Tensor, prev: Tensor, *pairs: tuple[Tensor, Tensor]) -> 
 class Block(nn.Module):
     """Pre-norm residual block with a sequence mixer and an FFN. [B, T, C] -> [B, T, C].
 
-    Mixer by letter: "T" -> TokenShiftMix (cfg.token_mix "shift") or hybrid/token_mix.py's variant;
+    Mixer by letter: "T" -> hybrid/token_mix.py's cfg.token_mix (TokenShiftMix for "shift");
     "W" -> CausalAttention with window cfg.attn_window; "F" -> full; "R" -> RWKV7TimeMix (`first_rwkv`
     marks the layer that makes v_first). FFN: the MLP, RWKV-7 channel-mix for "R" with
     cfg.rwkv_ffn == "cmix", or MoEFFN for a lower-case letter.
@@ -136,7 +136,7 @@ class Block(nn.Module):
         self.ln_scale = 1.0 / math.sqrt(layer_idx + 1) if cfg.ln_scale else 1.0
         if self.kind == "T" and cfg.token_mix == "shift":
             self.mixer: nn.Module = TokenShiftMix(C)
-        elif self.kind == "T":  # imported only by runs that ask for a variant (code bytes)
+        elif self.kind == "T":  # not imported by TOKEN_MIX=shift runs (code bytes)
             from hybrid.token_mix import token_mixer
 
             self.mixer = token_mixer(cfg.token_mix, C, cfg.token_mix_kernel)

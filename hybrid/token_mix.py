@@ -1,7 +1,9 @@
-"""Stronger token mixers for the hybrid's T layers, picked by ModelConfig.token_mix (TOKEN_MIX).
+"""The hybrid's T-layer mixers beyond the one-token lerp, picked by ModelConfig.token_mix (TOKEN_MIX).
 
-"shift" (the default) is hybrid/layers.py's TokenShiftMix and never imports this module: a run's code
-bytes count the modules it imports (quant/budget.py), so a default run pays nothing for these.
+"conv" is the default (issue 11: with XSA off it beat the lerp and the dense stack on held-out text;
+docs/PERF.md). "shift" is hybrid/layers.py's TokenShiftMix, the published hybrid's mixer, and a
+TOKEN_MIX=shift run never imports this module (a run's code bytes count the modules it imports,
+quant/budget.py).
 
 Every mixer here keeps TokenShiftMix's r/k/v path (RWKV channel-mix form) and changes only how the
 inputs xr, xk of the two branches are made from the current and past tokens (or, for

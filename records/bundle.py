@@ -148,9 +148,13 @@ def arch_modules(arch: str) -> tuple[str, ...]:
 def run_modules(hparams: dict) -> tuple[str, ...]:
     """The lazily imported modules a run with these hyperparameters needs: its architecture's, GPTQ's
     when it exported with GPTQ, the fused MLP kernel's when it asked for it, the bit packer's when it
-    stored bit-packed ints, the stateful evaluation's when it evaluated that way, the presets' when it named one
-    (every run imports the checkpoint code: it saves its final weights before packing)."""
+    stored bit-packed ints, the stateful evaluation's when it evaluated that way, the presets' when it named one,
+    the T-layer mixers' when it has T layers that are not the plain "shift" (logs from before TOKEN_MIX
+    existed have no token_mix: they ran "shift") (every run imports the checkpoint code: it saves its
+    final weights before packing)."""
     extra = list(arch_modules(str(hparams.get("arch", "hybrid"))))
+    if str(hparams.get("token_mix", "shift")) != "shift" and "T" in str(hparams.get("layer_pattern", "")).upper():
+        extra.append("hybrid.token_mix")
     if int(hparams.get("gptq", 0) or 0):
         extra.append("quant.gptq")
     if str(hparams.get("mlp_fused", "off")) in ("auto", "triton"):

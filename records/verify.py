@@ -41,10 +41,10 @@ def load_artifact_state(path, max_file_bytes: int, max_raw_bytes: int | None = N
 
 
 def build_model(model_config: dict, state: dict | None = None, source: str = "artifact"):
-    from hybrid.config import ModelConfig
+    from hybrid.config import ModelConfig, as_saved
     from hybrid.model import HybridGPT
 
-    model = HybridGPT(ModelConfig(**model_config))
+    model = HybridGPT(ModelConfig(**as_saved(model_config)))  # logged resolved: only missing fields differ
     if state is not None:
         expected = model.state_dict()
         wrong = [f"{k}: {v.dtype} (the model's is {expected[k].dtype})" for k, v in state.items()

@@ -180,15 +180,17 @@ def test_named_model_presets():
 
 
 def test_hybrid_run_does_not_load_the_rwkv_and_moe_modules():
-    """A run's code bytes are the modules it imports: the hybrid must not pull in rwkv7/moe."""
+    """A run's code bytes are the modules it imports: the hybrid must not pull in rwkv7/moe (it does load
+    hybrid/token_mix.py, the home of its default conv mixer)."""
     script = ("import sys, torch; from hybrid.model import HybridGPT; from hybrid.config import ARCH_DEFAULTS, "
               "ModelConfig\nwith torch.device('meta'): HybridGPT(ModelConfig(**ARCH_DEFAULTS['hybrid']))\n"
               "print(sorted(m for m in sys.modules if m.startswith('hybrid')))")
     out = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     loaded = out.stdout
-    for mod in ("hybrid.rwkv7", "hybrid.kernels.wkv7", "hybrid.moe", "hybrid.moe_presets", "hybrid.token_mix"):
+    for mod in ("hybrid.rwkv7", "hybrid.kernels.wkv7", "hybrid.moe", "hybrid.moe_presets"):
         assert f"'{mod}'" not in loaded, loaded
+    assert "'hybrid.token_mix'" in loaded
 
 
 # ---- structure and init ---------------------------------------------------------------------------
@@ -196,7 +198,7 @@ def test_hybrid_run_does_not_load_the_rwkv_and_moe_modules():
 def test_blocks_mixers_and_ffns():
     model = HybridGPT(pattern_cfg("TtRrWF"))
     kinds = [(b.kind, b.is_moe, type(b.mixer).__name__, type(b.mlp).__name__) for b in model.blocks]
-    assert kinds == [("T", False, "TokenShiftMix", "MLP"), ("T", True, "TokenShiftMix", "MoEFFN"),
+    assert kinds == [("T", False, "ConvShiftMix", "MLP"), ("T", True, "ConvShiftMix", "MoEFFN"),
                      ("R", False, "RWKV7TimeMix", "MLP"), ("R", True, "RWKV7TimeMix", "MoEFFN"),
                      ("W", False, "CausalAttention", "MLP"), ("F", False, "CausalAttention", "MLP")]
     # v_first comes from the first R layer (not layer 0); later R layers carry the value-residual LoRA

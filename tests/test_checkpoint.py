@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 
 import train_gpt
 from hybrid.training.checkpoint import RESUME_FREE, resume_mismatches
@@ -70,6 +71,15 @@ def test_resume_with_other_training_settings_stops_unless_allowed(monkeypatch, t
     assert rc == 0
     rc, log = run(monkeypatch, tmp_path, "d", RESUME=ckpt, MATRIX_LR=0.05, RESUME_MISMATCH="allow")
     assert rc == 0 and "resume:mismatch_allowed MATRIX_LR: checkpoint" in log
+    # a checkpoint from before TOKEN_MIX existed ran the one-token lerp: resuming it under today's default
+    # (conv) is a settings mismatch, named before any step, not a state-dict error after the model is built
+    state = torch.load(ckpt, weights_only=False)
+    del state["hparams"]["token_mix"]
+    torch.save(state, tmp_path / "old.pt")
+    capsys.readouterr()
+    rc, log = run(monkeypatch, tmp_path, "e", RESUME=tmp_path / "old.pt")
+    err = capsys.readouterr().err
+    assert rc == 2 and "TOKEN_MIX: checkpoint 'shift', now 'conv'" in err, err
 
 
 def test_mismatch_list_ignores_only_the_free_settings():

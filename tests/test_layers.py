@@ -540,21 +540,25 @@ def tiny_mix_model(token_mix: str, K: int = 4, pattern: str = "TTWT", **kw) -> H
     return HybridGPT(cfg)
 
 
-def test_token_mix_shift_keeps_the_model_and_its_names():
-    """token_mix="shift" (the default) is TokenShiftMix with its five tensors, nothing new in the state dict,
-    and a default model never imports hybrid/token_mix.py (code bytes)."""
-    assert ModelConfig().token_mix == "shift" and ModelConfig().token_mix_kernel == 4
+def test_token_mix_default_is_conv_and_shift_keeps_the_model_and_its_names():
+    """The default T mixer is conv over K = 4 tokens (issue 11's winner, with XSA off); token_mix="shift" is
+    TokenShiftMix with its five tensors, nothing new in the state dict, and a shift model never imports
+    hybrid/token_mix.py (code bytes) while a default one does."""
+    assert ModelConfig().token_mix == "conv" and ModelConfig().token_mix_kernel == 4 and ModelConfig().xsa_last == 0
+    assert type(tiny_mix_model("conv").blocks[0].mixer) is ConvShiftMix
     m = tiny_mix_model("shift")
     t_keys = {k for k in m.state_dict() if k.startswith("blocks.0.mixer.")}
     assert t_keys == {f"blocks.0.mixer.{n}" for n in ("mix_r", "mix_k", "w_r.weight", "w_k.weight", "w_v.weight")}
     assert type(m.blocks[0].mixer) is TokenShiftMix
     assert set(m.state_dict()) == set(HybridGPT(dataclasses.replace(m.cfg, token_mix_kernel=2)).state_dict())
-    code = ("import sys; from hybrid.config import ModelConfig; from hybrid.model import HybridGPT; "
-            "HybridGPT(ModelConfig(model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, ve_dim=8, "
-            "bigram_dim=8, mlp_mult=1.0, vocab_size=64)); print('hybrid.token_mix' in sys.modules)")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    for mix, loaded in (("shift", "False"), (None, "True")):
+        arg = "" if mix is None else f"token_mix={mix!r}, "
+        code = ("import sys; from hybrid.config import ModelConfig; from hybrid.model import HybridGPT; "
+                f"HybridGPT(ModelConfig({arg}model_dim=32, num_heads=4, num_kv_heads=2, rope_dims=4, ve_dim=8, "
+                "bigram_dim=8, mlp_mult=1.0, vocab_size=64)); print('hybrid.token_mix' in sys.modules)")
+        out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == loaded, mix
 
 
 @pytest.mark.parametrize("kind", [k for k in TOKEN_MIXES if k != "shift"])
@@ -622,12 +626,14 @@ def test_token_mix_flows_from_hyperparameters():
     """TOKEN_MIX / TOKEN_MIX_KERNEL and --token-mix / --token-mix-kernel reach ModelConfig, like ATTN_WINDOW."""
     from train_gpt import resolve_hyperparameters
 
-    h = resolve_hyperparameters(["--token-mix", "conv", "--token-mix-kernel", "3"], env={})
-    assert (h.model_config().token_mix, h.model_config().token_mix_kernel) == ("conv", 3)
+    h = resolve_hyperparameters(["--token-mix", "shift", "--token-mix-kernel", "3"], env={})
+    assert (h.model_config().token_mix, h.model_config().token_mix_kernel) == ("shift", 3)
     h = resolve_hyperparameters([], env={"TOKEN_MIX": "ddlerp", "TOKEN_MIX_KERNEL": "2"})
     assert (h.token_mix, h.token_mix_kernel) == ("ddlerp", 2)
     h = resolve_hyperparameters([], env={})
-    assert (h.token_mix, h.token_mix_kernel) == ("shift", 4)
+    assert (h.token_mix, h.token_mix_kernel, h.xsa_last) == ("conv", 4, 0)
+    h = resolve_hyperparameters(["--arch", "moe"], env={})  # the MoE keeps the mixers it was fitted with
+    assert (h.token_mix, h.xsa_last) == ("shift", 4)
 
 
 @pytest.mark.parametrize("kind", ["ddlerp", "conv", "shiftk"])

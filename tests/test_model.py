@@ -45,7 +45,11 @@ def expected_params(cfg: ModelConfig) -> int:
     kv = cfg.num_kv_heads * D
     hidden = int(cfg.mlp_mult * C)
     per_block = 2 * C * hidden + 2 * C + 2 * C  # MLP fc+proj, mix/mlp scales, resid_mix
-    token_shift = 3 * C * C + 2 * C  # W_r, W_k, W_v, mix_r, mix_k
+    K, R = cfg.token_mix_kernel, min(32, max(1, C // 4))
+    taps = {"shift": 2 * C, "shift_silu_gate": 2 * C,  # mix_r, mix_k
+            "conv": 2 * K * C, "shiftk": 2 * K * C,  # [K, C] per branch
+            "ddlerp": 3 * C + C * 2 * R + 2 * R * C}[cfg.token_mix]  # μ_x, μ_r, μ_k, A, B_r, B_k
+    token_shift = 3 * C * C + taps  # W_r, W_k, W_v and the token mixing
     attn = 2 * C * C + 2 * C * kv + H + (2 * D if cfg.qk_norm_gain else 0)  # c_q, proj, c_k, c_v, gains
     n_t = cfg.layer_pattern.count("T")
     total = V * C + n_t * (token_shift + per_block) + (L - n_t) * (attn + per_block)
@@ -79,9 +83,15 @@ def test_hybrid_default_param_count_matches_formula():
     assert cfg == ModelConfig(**ARCH_DEFAULTS["hybrid"])
     with torch.device("meta"):
         model = HybridGPT(cfg)
-    # MLP3x (hidden 1536): 21,496,868 at hidden 896 plus 12 layers × 2 × 512 × (1536 − 896)
-    assert count_params(model) == expected_params(cfg) == 29_361_188
-    assert cfg.attn_layers == [3, 6, 9, 11] and cfg.xsa_layer_ids == [3, 6, 9, 11] and cfg.ve_layer_ids == [9, 11]
+    # MLP3x (hidden 1536): 21,496,868 at hidden 896 plus 12 layers × 2 × 512 × (1536 − 896) = 29,361,188
+    # with the one-token lerp; the conv mixer's taps add 8 T layers × 2 × (4 − 1) × 512
+    assert count_params(model) == expected_params(cfg) == 29_361_188 + 24_576
+    assert cfg.attn_layers == [3, 6, 9, 11] and cfg.xsa_layer_ids == [] and cfg.ve_layer_ids == [9, 11]
+    assert ModelConfig(xsa_last=4).xsa_layer_ids == [3, 6, 9, 11]
+    for mix in ("shift", "ddlerp", "shiftk", "shift_silu_gate"):
+        other = ModelConfig(token_mix=mix)
+        with torch.device("meta"):
+            assert count_params(HybridGPT(other)) == expected_params(other), mix
     assert [b.mixer.window for b in model.blocks if b.kind != "T"] == [128, 128, 128, None]
 
 
@@ -94,6 +104,28 @@ def test_param_formula_across_mlp_widths(mlp_mult):
 
 
 # ---- config validation ---------------------------------------------------------------------------------
+
+def test_saved_settings_keep_the_defaults_of_their_day():
+    """Issue 11 changed two defaults (T mixer shift -> conv, the hybrid's XSA 4 -> 0). A saved run that lacks
+    the field, or holds the old unset mark, is read with the former value; a resolved value is kept."""
+    from hybrid.config import FORMER_DEFAULTS, as_saved, model_config_from
+
+    assert FORMER_DEFAULTS["hybrid"] == {"token_mix": "shift", "xsa_last": 4}
+    old = {"arch": "hybrid", "xsa_last": -1}  # a log from before the resolved values were stored
+    assert as_saved(old) == {"arch": "hybrid", "xsa_last": 4, "token_mix": "shift"}
+    cfg = model_config_from("hybrid", as_saved(old))
+    assert (cfg.token_mix, cfg.xsa_layer_ids) == ("shift", [3, 6, 9, 11])
+    new = {"token_mix": "conv", "xsa_last": 0}
+    assert as_saved(new) == new and as_saved(new, "gpt") == new
+    assert as_saved({"xsa_last": ""}, "gpt") == {"xsa_last": "", "token_mix": "shift"}  # gpt pins its own XSA
+    # a record's logged model_config from before TOKEN_MIX rebuilds the shift model it holds, strictly
+    from records.verify import build_model
+
+    logged = dataclasses.asdict(tiny_cfg(token_mix="shift"))
+    state = HybridGPT(tiny_cfg(token_mix="shift")).state_dict()
+    del logged["token_mix"]
+    assert isinstance(build_model(logged, state).blocks[0].mixer, TokenShiftMix)
+
 
 def test_parse_layer_pattern():
     assert parse_layer_pattern("TWF", 3) == ["T", "W", "F"]
@@ -217,7 +249,12 @@ def test_init_weights_sets_every_parameter_per_the_table():
             gram = w @ w.T if w.shape[0] <= w.shape[1] else w.T @ w
             torch.testing.assert_close(gram, torch.eye(gram.shape[0]), atol=1e-4, rtol=0)
     blk = model.blocks[0]
-    assert isinstance(blk.mixer, TokenShiftMix) and torch.all(blk.mixer.mix_r == 0.5)
+    sig = 1 / (1 + math.exp(-0.5))  # the conv taps start as the lerp: σ(0.5) now, 1 − σ(0.5) one token back
+    assert type(blk.mixer).__name__ == "ConvShiftMix"
+    for w in (blk.mixer.conv_mix_r, blk.mixer.conv_mix_k):
+        torch.testing.assert_close(w, torch.tensor([sig, 1 - sig, 0.0, 0.0]).unsqueeze(1).expand(4, 64))
+    shift_blk = HybridGPT(tiny_cfg(token_mix="shift")).blocks[0]
+    assert isinstance(shift_blk.mixer, TokenShiftMix) and torch.all(shift_blk.mixer.mix_r == 0.5)
     assert torch.equal(blk.resid_mix, torch.stack((torch.ones(64), torch.zeros(64))))
     attn = model.blocks[3].mixer
     assert isinstance(attn, CausalAttention) and cfg.qk_gain_init == 4.0 and torch.all(attn.q_gain == 4.0) and attn.ve_scale.item() == 1.0

@@ -294,7 +294,8 @@ def signature(model, optimizers) -> list[tuple]:
 
 
 # Captured with hybrid/training/optim.py before the RWKV-7 recipe existed (same H and SMALL): these
-# architectures have no RWKV-7 module and no LayerNorm, so their groups must not move.
+# architectures have no RWKV-7 module and no LayerNorm, so their groups must not move. (The hybrid's T
+# mixers hold conv taps conv_mix_r/k since issue 11 made "conv" the default: the same group as mix_r/k.)
 TODAY = {
     "hybrid": [
         ("AdamW", 0.07, 0.07, 0.03, {"tok_emb.weight": 1}),
@@ -307,7 +308,7 @@ TODAY = {
             "blocks.#.mlp.proj.weight": 12, "ve.proj.weight": 1}),
         ("AdamW", 0.17, 0.17, 0.03, {
             "bigram.bigram_scale": 1, "blocks.#.mix_scale": 12, "blocks.#.mixer.k_norm_gain": 4,
-            "blocks.#.mixer.mix_k": 8, "blocks.#.mixer.mix_r": 8, "blocks.#.mixer.q_gain": 4,
+            "blocks.#.mixer.conv_mix_k": 8, "blocks.#.mixer.conv_mix_r": 8, "blocks.#.mixer.q_gain": 4,
             "blocks.#.mixer.q_norm_gain": 4, "blocks.#.mixer.ve_scale": 2, "blocks.#.mlp_scale": 12,
             "blocks.#.resid_mix": 12, "smear.gate": 1, "ve.shared_scale": 1}),
     ],

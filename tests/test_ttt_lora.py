@@ -214,7 +214,9 @@ def test_scores_are_full_vocabulary_log_softmax(monkeypatch):
         assert logits.size(-1) == V
         by_hand = torch.logsumexp(logits, -1) - logits.gather(-1, y[..., None])[..., 0]
         total += by_hand[mask].sum().item()
-    assert total == pytest.approx(res.val_loss * res.tokens, rel=1e-9)
+    # the scorer's cross-entropy is fp32 per token (summed in fp64): a few fp32 ulps (6e-8) of the sum,
+    # where a softmax over part of the vocabulary would be off by whole percent
+    assert total == pytest.approx(res.val_loss * res.tokens, rel=2e-7)
     assert stats["per_token"].sum().item() == pytest.approx(total, rel=1e-6)
     with torch.no_grad():  # a document's first chunk: adapters fresh (B = 0), the base model by hand
         for s, n in zip(starts[:5], DOCS):

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from hybrid.config import as_saved
 from hybrid.training.settings import SettingError
 
 CHECKPOINT_VERSION = 1
@@ -148,7 +149,10 @@ def restore_training(path: Path, model, optimizers, ema, loader, device, hparams
     its hyperparameters with `hparams` (module docstring); returns the (step, train_ms, qat_on,
     finished) it continues from. A finished checkpoint (final.pt) has no optimizer state."""
     state = load_checkpoint(path, map_location=device)
-    diffs = resume_mismatches(state.get("hparams") or {}, hparams)
+    saved = state.get("hparams") or {}
+    if saved:  # read with the defaults of its day: an old checkpoint's T mixer is "shift", not today's "conv"
+        saved = as_saved(saved, str(saved.get("arch", "hybrid")))
+    diffs = resume_mismatches(saved, hparams)
     if diffs and not allow_mismatch:
         raise ResumeMismatch(f"RESUME={path}: the checkpoint was trained with other settings ({'; '.join(diffs)}); "
                              f"run with the checkpoint's values, or set RESUME_MISMATCH=allow to continue anyway")
