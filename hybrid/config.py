@@ -434,11 +434,12 @@ FORMER_DEFAULTS: dict[str, dict] = {arch: {"token_mix": "shift"} for arch in ("h
 FORMER_DEFAULTS["hybrid"]["xsa_last"] = 4
 
 
-def as_saved(values: dict, arch: str = "hybrid") -> dict:
-    """`values` (a saved run's hparams, or a logged model_config, of `arch`) with each field whose default
-    has changed since (FORMER_DEFAULTS) set to the former default where it is missing or unset."""
+def as_saved(values: dict) -> dict:
+    """`values` (a saved run's hparams, or a logged model_config, which holds no "arch" and is read as
+    the hybrid's) with each field whose default has changed since (FORMER_DEFAULTS of its arch) set to
+    the former default where it is missing or unset."""
     out = dict(values)
-    for name, former in FORMER_DEFAULTS.get(arch, {}).items():
+    for name, former in FORMER_DEFAULTS.get(str(values.get("arch", "hybrid")), {}).items():
         if _unset(out.get(name)):
             out[name] = former
     return out

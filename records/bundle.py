@@ -149,11 +149,13 @@ def run_modules(hparams: dict) -> tuple[str, ...]:
     """The lazily imported modules a run with these hyperparameters needs: its architecture's, GPTQ's
     when it exported with GPTQ, the fused MLP kernel's when it asked for it, the bit packer's when it
     stored bit-packed ints, the stateful evaluation's when it evaluated that way, the presets' when it named one,
-    the T-layer mixers' when it has T layers that are not the plain "shift" (logs from before TOKEN_MIX
-    existed have no token_mix: they ran "shift") (every run imports the checkpoint code: it saves its
-    final weights before packing)."""
+    the T-layer mixers' when it has T layers that are not the plain "shift" (read with the defaults of
+    the log's day, hybrid.config.as_saved) (every run imports the checkpoint code: it saves its final
+    weights before packing)."""
+    from hybrid.config import as_saved  # a plain-Python module: no torch, no trainer
+
     extra = list(arch_modules(str(hparams.get("arch", "hybrid"))))
-    if str(hparams.get("token_mix", "shift")) != "shift" and "T" in str(hparams.get("layer_pattern", "")).upper():
+    if as_saved(hparams)["token_mix"] != "shift" and "T" in str(hparams.get("layer_pattern", "")).upper():
         extra.append("hybrid.token_mix")
     if int(hparams.get("gptq", 0) or 0):
         extra.append("quant.gptq")

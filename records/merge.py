@@ -28,9 +28,8 @@ class MergeError(ValueError):
 def _model_config(hparams: dict, source) -> dict:
     from hybrid.config import as_saved, model_config_from  # the trainer's own rule, without importing it
 
-    arch = str(hparams.get("arch", "hybrid"))
     try:
-        return asdict(model_config_from(arch, as_saved(hparams, arch)))
+        return asdict(model_config_from(str(hparams.get("arch", "hybrid")), as_saved(hparams)))
     except (TypeError, ValueError, KeyError) as exc:
         raise MergeError(f"{source}: hyperparameters do not give a model config: {exc}") from None
 

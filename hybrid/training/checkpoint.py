@@ -151,7 +151,7 @@ def restore_training(path: Path, model, optimizers, ema, loader, device, hparams
     state = load_checkpoint(path, map_location=device)
     saved = state.get("hparams") or {}
     if saved:  # read with the defaults of its day: an old checkpoint's T mixer is "shift", not today's "conv"
-        saved = as_saved(saved, str(saved.get("arch", "hybrid")))
+        saved = as_saved(saved)
     diffs = resume_mismatches(saved, hparams)
     if diffs and not allow_mismatch:
         raise ResumeMismatch(f"RESUME={path}: the checkpoint was trained with other settings ({'; '.join(diffs)}); "
